@@ -1,0 +1,178 @@
+"""Tokenized examples -> one micro-batch in a padding-free layout with sparse targets.
+
+Each example becomes a *document*: its tokens, position ids, a branch id per token, and a list of targets
+(which position's hidden state predicts which token, for which sequence). Documents are packed into rows
+(first-fit decreasing, at most ``row_length`` tokens a row, when ``packing`` is on) and every row gets a
+boolean attention mask: token i sees token j iff j <= i, both are in the same document, and j is on the
+shared trunk (branch 0) or on i's own branch. Position ids restart at every document.
+
+Shared-prompt pairs (``shared_prompt``): one document ``prompt | chosen | rejected``; the rejected branch
+cannot see the chosen one and its positions continue from the prompt, so both responses get exactly the
+log-probs they would get in two separate sequences while the prompt is computed once. The first token of
+each response is predicted from the last prompt token, so that position carries two targets: targets are a
+sparse list, never a dense [rows, length] label tensor, and logits are computed for them alone.
+
+Because targets only ever point inside their own document, no document's first token has a label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from losses.base import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, UNIT_PAIRS, UNIT_SEQUENCES, UNIT_TARGET_TOKENS
+
+
+@dataclass
+class Document:
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    branches: list[int] = field(default_factory=list)
+    # (index in document of the predicting token, target id, sequence, index of the token in its response)
+    targets: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def extend(self, tokens: list[int], branch: int, first_position: int) -> int:
+        start = len(self.tokens)
+        self.tokens += tokens
+        self.positions += range(first_position, first_position + len(tokens))
+        self.branches += [branch] * len(tokens)
+        return start
+
+    def add_targets(self, first_predictor: int, start: int, tokens: list[int], seq: int) -> None:
+        """``tokens`` sit at document indices start.. and are predicted from first_predictor, then start..."""
+        predictors = [first_predictor] + list(range(start, start + len(tokens) - 1))
+        self.targets += [(p, t, seq, k) for k, (p, t) in enumerate(zip(predictors, tokens))]
+
+
+def sft_document(example: dict, seq: int) -> Document:
+    doc = Document()
+    ids, mask = example["input_ids"], example["target_mask"]
+    doc.extend(ids, 0, 0)
+    k = 0
+    for i in range(1, len(ids)):
+        if mask[i]:
+            doc.targets.append((i - 1, ids[i], seq, k))
+            k += 1
+    return doc
+
+
+def pair_documents(example: dict, chosen_seq: int, rejected_seq: int, shared_prompt: bool) -> list[Document]:
+    prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    p = len(prompt)
+    if shared_prompt:
+        doc = Document()
+        doc.extend(prompt, 0, 0)
+        start = doc.extend(chosen, 1, p)
+        doc.add_targets(p - 1, start, chosen, chosen_seq)
+        start = doc.extend(rejected, 2, p)
+        doc.add_targets(p - 1, start, rejected, rejected_seq)
+        return [doc]
+    docs = []
+    for response, seq in ((chosen, chosen_seq), (rejected, rejected_seq)):
+        doc = Document()
+        doc.extend(prompt, 0, 0)
+        start = doc.extend(response, 0, p)
+        doc.add_targets(p - 1, start, response, seq)
+        docs.append(doc)
+    return docs
+
+
+def pack_rows(lengths: list[int], row_length: int, packing: bool) -> list[list[int]]:
+    """Document indices per row: first-fit decreasing when packing, else one document a row."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max(row_length, lengths[i]) - lengths[i])
+    return rows
+
+
+class Collator:
+    def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int, pad_to_multiple: int = 1):
+        self.kind = kind
+        self.packing = packing
+        self.shared_prompt = shared_prompt
+        self.row_length = row_length
+        self.pad_to_multiple = pad_to_multiple
+
+    def documents(self, examples: list[dict]) -> tuple[list[Document], list[int]]:
+        docs, roles = [], []
+        if self.kind == "sft":
+            for i, ex in enumerate(examples):
+                docs.append(sft_document(ex, i))
+                roles.append(ROLE_SFT)
+        else:
+            for i, ex in enumerate(examples):
+                docs += pair_documents(ex, 2 * i, 2 * i + 1, self.shared_prompt)
+                roles += [ROLE_CHOSEN, ROLE_REJECTED]
+        return docs, roles
+
+    def __call__(self, examples: list[dict]) -> dict:
+        docs, roles = self.documents(examples)
+        rows = pack_rows([len(d.tokens) for d in docs], self.row_length, self.packing)
+        width = max(sum(len(docs[d].tokens) for d in row) for row in rows)
+        width = -(-width // self.pad_to_multiple) * self.pad_to_multiple
+        n_rows = len(rows)
+        input_ids = torch.zeros(n_rows, width, dtype=torch.long)
+        position_ids = torch.zeros(n_rows, width, dtype=torch.long)
+        doc_ids = torch.full((n_rows, width), -1, dtype=torch.long)
+        branch_ids = torch.zeros(n_rows, width, dtype=torch.long)
+        targets = []
+        for r, row in enumerate(rows):
+            offset = 0
+            for d in row:
+                doc = docs[d]
+                n = len(doc.tokens)
+                input_ids[r, offset:offset + n] = torch.tensor(doc.tokens)
+                position_ids[r, offset:offset + n] = torch.tensor(doc.positions)
+                branch_ids[r, offset:offset + n] = torch.tensor(doc.branches)
+                doc_ids[r, offset:offset + n] = d
+                base = r * width + offset
+                targets += [(base + p, t, s, k) for p, t, s, k in doc.targets]
+                offset += n
+        target = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
+        seq_role = torch.tensor(roles, dtype=torch.long)
+        counted = (seq_role[target[:, 2]] != ROLE_REJECTED)
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask(doc_ids, branch_ids),
+            "target_index": target[:, 0],
+            "target_ids": target[:, 1],
+            "target_seq": target[:, 2],
+            "target_pos": target[:, 3],
+            "seq_role": seq_role,
+            "seq_group": torch.tensor(
+                [ex.get("group", 0) for ex in examples for _ in range(1 if self.kind == "sft" else 2)]),
+            "chosen": torch.nonzero(seq_role == ROLE_CHOSEN).flatten(),
+            "rejected": torch.nonzero(seq_role == ROLE_REJECTED).flatten(),
+            "counts": {
+                UNIT_TARGET_TOKENS: int(counted.sum()),
+                UNIT_SEQUENCES: int((seq_role != ROLE_REJECTED).sum()),
+                UNIT_PAIRS: int((seq_role == ROLE_CHOSEN).sum()),
+            },
+            "num_tokens": int((doc_ids >= 0).sum()),
+        }
+        if "ref_logps" in examples[0]:
+            batch["ref_seq_logps"] = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
+        return batch
+
+
+def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, L, L] boolean mask (True = may attend); padding positions attend to themselves only."""
+    length = doc_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    visible_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    mask = causal & same_doc & visible_branch & (doc_ids[:, :, None] >= 0)
+    mask |= torch.eye(length, dtype=torch.bool)
+    return mask[:, None]

@@ -1,0 +1,92 @@
+"""Recipe ``data`` block -> tokenized train and eval datasets, with counts of what was dropped and why.
+
+Steps: load each source; keep its ``weight`` fraction of rows (alignment-handbook's dataset_mixer semantics:
+0.5 keeps a seeded half, 2.0 repeats it twice); split off eval rows (a source's own ``eval_split``, else a
+seeded ``eval_fraction``); tokenize with prompt masking; drop and count bad or over-long rows; then run the
+data stages the recipe names (e.g. SFTMix confidence split, MCTune controls).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import datasets
+from omegaconf import OmegaConf
+
+from data.sources import load_rows
+from data.templates import build_template
+from data.tokenize import TRUNCATION_POLICIES, tokenize_row
+
+log = logging.getLogger(__name__)
+
+
+def _apply_weight(ds: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
+    if weight <= 0:
+        raise ValueError(f"data source weight must be > 0, got {weight}")
+    whole, frac = int(weight), weight - int(weight)
+    parts = [ds] * whole
+    if frac > 0:
+        parts.append(ds.shuffle(seed=seed).select(range(int(round(frac * len(ds))))))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if not fraction:
+        return ds, None
+    parts = ds.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: Counter, split: str):
+    fmt = spec.format
+    columns = [c for c in ds.column_names if c not in ("_source", "_row")]
+    ds = ds.map(
+        tokenize_row,
+        fn_kwargs=dict(kind=kind, fmt=fmt, template=template, tokenizer=tokenizer, data_cfg=data_cfg),
+        remove_columns=columns,
+        num_proc=data_cfg.get("num_proc") or None,
+        desc=f"tokenize {spec.path} ({split})",
+    )
+    status = Counter(ds["status"])
+    if status["error"]:
+        bad = ds.filter(lambda r: r["status"] == "error")
+        if data_cfg.on_error != "skip":
+            first = bad[0]
+            raise ValueError(
+                f"{first['_source']} row {first['_row']}: {first['error']} "
+                f"({status['error']} bad rows in this source; set data.on_error=skip to drop and count them)"
+            )
+        for reason, n in Counter(bad["error"]).most_common(3):
+            log.warning("%s (%s): skipped %d rows: %s", spec.path, split, n, reason)
+    counts.update({f"{split}/{k}": v for k, v in status.items()})
+    return ds.filter(lambda r: r["status"] in ("ok", "truncated")).remove_columns(["status", "error"])
+
+
+def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
+    """Returns (train, eval or None, counts). ``kind`` is 'sft' or 'pairs' (what the loss needs)."""
+    if data_cfg.truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"data.truncation={data_cfg.truncation!r}; valid: {', '.join(TRUNCATION_POLICIES)}")
+    if data_cfg.on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error={data_cfg.on_error!r}; valid: raise, skip")
+    template = build_template(data_cfg.template, tokenizer)
+    counts: Counter = Counter()
+    train_parts, eval_parts = [], []
+    for i, spec in enumerate(data_cfg.sources):
+        spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True))
+        rows, unreadable = load_rows(spec, data_cfg.on_error)
+        counts["train/unreadable"] += unreadable
+        rows = _apply_weight(rows, float(spec.get("weight", 1.0)), seed + i)
+        if spec.get("eval_split"):
+            eval_rows, _ = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)
+        else:
+            rows, eval_rows = _split(rows, data_cfg.get("eval_fraction", 0.0), seed + i)
+        train_parts.append(_tokenize(rows, spec, kind, template, tokenizer, data_cfg, counts, "train"))
+        if eval_rows is not None:
+            eval_parts.append(_tokenize(eval_rows, spec, kind, template, tokenizer, data_cfg, counts, "eval"))
+    train = datasets.concatenate_datasets(train_parts)
+    evaluation = datasets.concatenate_datasets(eval_parts) if eval_parts else None
+    if len(train) == 0:
+        raise ValueError(f"no training examples left after filtering: {dict(counts)}")
+    log.info("data: %d train / %d eval examples; %s", len(train), len(evaluation or []), dict(sorted(counts.items())))
+    return train, evaluation, counts

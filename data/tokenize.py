@@ -1,0 +1,86 @@
+"""Canonical rows -> tokenized examples, with prompt masking, truncation and bad-row handling.
+
+SFT example:  ``input_ids`` and ``target_mask`` (1 on assistant tokens, EOS included; 0 on system/user
+turns). Pair example: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (responses end in EOS).
+
+Truncation policy (``data.truncation``):
+- ``truncate`` (default). SFT: the sequence is cut at ``max_length`` from the right (the response loses its
+  tail and EOS, as in HF/TRL). Pairs: as the SimPO / alignment-handbook scripts do, a prompt over
+  ``max_prompt_length`` first keeps only its last ``max_prompt_length`` tokens, then responses are cut so that
+  prompt + response fits ``max_length``.
+- ``drop``: an example that does not fit is dropped and counted.
+An SFT prompt that alone fills ``max_length`` leaves nothing to learn from: that is a bad row.
+Bad rows (missing fields, empty responses, over-long prompts) raise an error naming the source and row, or
+with ``data.on_error=skip`` are dropped and counted in the log.
+"""
+
+from __future__ import annotations
+
+from data.formats import PAIR_FORMATS, SFT_FORMATS, RowError
+from data.templates import encode_segments
+
+TRUNCATION_POLICIES = ("truncate", "drop")
+
+
+def _formatter(table: dict, fmt: str, kind: str):
+    if fmt not in table:
+        raise KeyError(f"unknown data format {fmt!r} for {kind} data; valid: {', '.join(table)}")
+    return table[fmt]
+
+
+def sft_example(row: dict, fmt: str, template, tokenizer, max_length: int, truncation: str) -> dict:
+    turns = _formatter(SFT_FORMATS, fmt, "sft")(row)
+    ids, mask = encode_segments(tokenizer, template.segments(turns))
+    first_target = mask.index(1)
+    if first_target >= max_length - 1:
+        raise RowError(f"prompt has {first_target} tokens, no room for a response within data.max_length={max_length}")
+    status = "ok"
+    if len(ids) > max_length:
+        if truncation == "drop":
+            return {"input_ids": [], "target_mask": [], "status": "too_long"}
+        ids, mask, status = ids[:max_length], mask[:max_length], "truncated"
+    return {"input_ids": ids, "target_mask": mask, "status": status}
+
+
+def _response_ids(template, tokenizer, prompt_turns, reply) -> tuple[list[int], list[int]]:
+    ids, mask = encode_segments(tokenizer, template.segments(prompt_turns + [reply]))
+    last = len(mask) - mask[::-1].index(1)  # drop context tokens after the final EOS
+    start = mask.index(1)
+    return ids[:start], ids[start:last]
+
+
+def pair_example(
+    row: dict, fmt: str, template, tokenizer, max_length: int, max_prompt_length: int, truncation: str
+) -> dict:
+    prompt_turns, chosen, rejected = _formatter(PAIR_FORMATS, fmt, "pairwise")(row)
+    prompt, chosen_ids = _response_ids(template, tokenizer, prompt_turns, chosen)
+    prompt_r, rejected_ids = _response_ids(template, tokenizer, prompt_turns, rejected)
+    if prompt != prompt_r:
+        raise RowError("chosen and rejected render different prompts")
+    status = "ok"
+    if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > max_length:
+        if truncation == "drop":
+            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "status": "too_long"}
+        status = "truncated"
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]
+        room = max_length - len(prompt)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return {"prompt_ids": prompt, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "status": status}
+
+
+def tokenize_row(row: dict, *, kind: str, fmt: str, template, tokenizer, data_cfg) -> dict:
+    """One row of any source; bad rows come back with status 'error' and the reason (for datasets.map)."""
+    try:
+        if kind == "sft":
+            out = sft_example(row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.truncation)
+        else:
+            out = pair_example(
+                row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation
+            )
+        out["error"] = ""
+    except RowError as err:
+        empty = {"input_ids": [], "target_mask": []} if kind == "sft" else {
+            "prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        out = {**empty, "status": "error", "error": str(err)}
+    return out

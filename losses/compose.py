@@ -1,0 +1,68 @@
+"""A weighted sum of loss terms, optionally with a per-pair weighting, built from the recipe's ``loss`` block.
+
+Config shape (each key of ``loss`` is a registered loss name; ``weight`` scales that term, default 1)::
+
+    loss:
+      dpo: {beta: 0.1}
+      ntp: {weight: 1.0}          # DPO + NLL without new code
+    pair_weighting: {name: wpo, alignment: sampled}   # or null
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from losses.base import ForwardOutputs, Metric, Needs
+from losses.registry import LOSSES, PAIR_WEIGHTINGS, lookup
+
+
+class LossSet:
+    def __init__(self, terms: list[tuple[str, float, object]], pair_weighting=None):
+        if not terms:
+            raise ValueError(f"the recipe's `loss` block is empty; name at least one of: {', '.join(sorted(LOSSES))}")
+        self.terms = terms
+        self.pair_weighting = pair_weighting
+        needs = Needs()
+        for _, _, loss in terms:
+            needs = needs | loss.needs
+        if pair_weighting is not None:
+            if not needs.pairs:
+                raise ValueError("pair_weighting needs a pairwise loss (dpo, simpo, ...) in `loss`")
+            needs = needs | pair_weighting.needs
+        self.needs = needs
+
+    def __call__(self, out: ForwardOutputs) -> tuple[dict[str, torch.Tensor], dict[str, Metric]]:
+        """Returns {unit: weighted sum of the terms counted in that unit} and the metrics of all terms."""
+        metrics: dict[str, Metric] = {}
+        if self.pair_weighting is not None:
+            out.pair_weights, weight_metrics = self.pair_weighting(out)
+            metrics.update(weight_metrics)
+        sums: dict[str, torch.Tensor] = {}
+        for name, weight, loss in self.terms:
+            result = loss(out)
+            sums[result.unit] = sums.get(result.unit, 0.0) + weight * result.total
+            metrics[f"{name}/loss"] = Metric(result.total.detach().float(), unit=result.unit)
+            for key, metric in result.metrics.items():
+                metrics[key if "/" in key else f"{name}/{key}"] = metric
+        return sums, metrics
+
+
+def build_loss(loss_cfg: Mapping, pair_weighting_cfg: Mapping | None = None) -> LossSet:
+    terms = []
+    for name, options in (loss_cfg or {}).items():
+        options = dict(options or {})
+        weight = float(options.pop("weight", 1.0))
+        cls = lookup(LOSSES, name, "loss")
+        try:
+            terms.append((name, weight, cls(**options)))
+        except TypeError as err:
+            raise TypeError(f"bad options for loss {name!r}: {err}") from None
+    pair_weighting = None
+    if pair_weighting_cfg:
+        options = dict(pair_weighting_cfg)
+        name = options.pop("name", None)
+        cls = lookup(PAIR_WEIGHTINGS, name, "pair_weighting")
+        pair_weighting = cls(**options)
+    return LossSet(terms, pair_weighting)

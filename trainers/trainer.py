@@ -1,0 +1,250 @@
+"""The Trainer core: one loss-agnostic loop on Accelerate (DDP, DeepSpeed, FSDP, CPU alike).
+
+Per optimizer step: take this rank's micro-batches, count every unit a loss can average over (labelled
+tokens, sequences, pairs) across all micro-batches and ranks, then for each micro-batch run the forward,
+let the loss set turn ``ForwardOutputs`` into per-unit sums, divide each by its global count and backpropagate.
+The result is the gradient of the true mean over the whole global batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import OmegaConf
+
+from data.collate import Collator
+from data.pipeline import build_datasets
+from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_per_epoch
+from losses import build_loss
+from losses.base import Metric
+from trainers import checkpoint
+from trainers.export import export_model
+from trainers.forward import CausalLMWithLogProbs
+from trainers.metrics import MetricAccumulator
+from trainers.models import build_model, build_tokenizer
+from trainers.optim import build_optimizer, build_scheduler
+from trainers.reference import Reference, _to_device
+from trainers.tracking import RunTracker
+
+log = logging.getLogger("tunelab")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_output_dir(cfg, accelerator, recipe_name: str) -> str:
+    """Rank 0 picks the directory (its clock) and every rank, on every node, uses that choice."""
+    chosen = [cfg.output_dir or os.path.join("runs", recipe_name, time.strftime("%Y-%m-%d_%H-%M-%S"))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    return chosen[0]
+
+
+class Trainer:
+    def __init__(self, cfg, recipe_name: str = "run", accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        train = cfg.train
+        self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
+        self.needs = self.loss_set.needs
+        self.kind = "pairs" if self.needs.pairs else "sft"
+        world = (accelerator or PartialState(cpu=not torch.cuda.is_available())).num_processes
+        self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, world)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=train.mixed_precision, gradient_accumulation_steps=self.accumulation,
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        self.output_dir = resolve_output_dir(cfg, acc, recipe_name)
+        if acc.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+            OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"), resolve=True)
+
+        self.tokenizer = build_tokenizer(cfg.model)
+        with acc.main_process_first():
+            train_ds, eval_ds, self.data_counts = build_datasets(cfg.data, self.tokenizer, self.kind, cfg.seed)
+        self.collator = Collator(
+            self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
+        )
+        model = build_model(cfg.model, self.tokenizer, cfg.seed)
+        self.reference = Reference(cfg, model, acc) if self.needs.reference else None
+        if self.reference is not None:
+            datasets = self.reference.precompute(model, {"train": train_ds, "eval": eval_ds}, self.collator)
+            train_ds, eval_ds = datasets["train"], datasets["eval"]
+        self.train_ds, self.eval_ds = train_ds, eval_ds
+
+        self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
+        self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
+        policy = CausalLMWithLogProbs(model, train.logits_chunk_size)
+        optimizer = build_optimizer(policy.parameters(), train)
+        self.scheduler = build_scheduler(optimizer, train, self.total_steps)
+        self.policy, self.optimizer = acc.prepare(policy, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        ordering = cfg.data.get("ordering", "random")
+        if ordering not in ORDERINGS:
+            raise KeyError(f"unknown data.ordering {ordering!r}; valid: {', '.join(ORDERINGS)}")
+        self.ordering = ORDERINGS[ordering]
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: list[dict] = []
+
+    # ---- batches -------------------------------------------------------------------------------------------
+    def _step_batches(self, step: int) -> list[dict]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.ordering(self.train_ds, self.cfg.seed, epoch)
+        acc = self.accelerator
+        groups = micro_batches(order, in_epoch, self.cfg.train.global_batch_size, acc.process_index,
+                               acc.num_processes, self.cfg.train.micro_batch_size)
+        return [self.collator([self.train_ds[i] for i in idx]) for idx in groups]
+
+    def _global_counts(self, batches: list[dict]) -> dict[str, float]:
+        units = sorted(batches[0]["counts"])
+        local = torch.tensor([[b["counts"][u] for u in units] for b in batches], dtype=torch.float64).sum(0)
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
+        return dict(zip(units, total.tolist()))
+
+    def _forward_loss(self, batch: dict, counts: dict[str, float]):
+        batch = _to_device(batch, self.accelerator.device)
+        if self.reference is not None:
+            self.reference.attach(batch, self.policy)
+        out = self.policy(batch, self.needs)
+        sums, metrics = self.loss_set(out)
+        loss = sum(total / counts[unit] for unit, total in sums.items() if counts[unit] > 0)
+        return loss, metrics
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def train_step(self, accum: MetricAccumulator) -> float:
+        acc = self.accelerator
+        batches = self._step_batches(self.step)
+        counts = self._global_counts(batches)
+        accum.add_units({u: c / acc.num_processes for u, c in counts.items()})
+        step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+        tokens = 0
+        self.policy.train()
+        for batch in batches:
+            with acc.accumulate(self.policy):
+                loss, metrics = self._forward_loss(batch, counts)
+                # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over ranks:
+                # undo both so the gradient is that of the global-batch mean.
+                acc.backward(loss * acc.num_processes * self.accumulation)
+                step_loss += loss.detach().double()
+                accum.add(metrics)
+                tokens += batch["num_tokens"]
+        step_loss = float(acc.reduce(step_loss, reduction="sum"))
+        if not math.isfinite(step_loss):
+            if self.cfg.train.on_nonfinite != "skip":
+                raise NonFiniteLossError(
+                    f"loss is {step_loss} at step {self.step + 1}; last metrics: "
+                    f"{self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or set "
+                    "train.on_nonfinite=skip to skip such steps and count them."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_steps)
+            return step_loss
+        if self.cfg.train.max_grad_norm:
+            norm = acc.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+            if norm is not None:
+                accum.add({"grad_norm": Metric(float(norm))})
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._tokens = tokens
+        return step_loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_ds is None:
+            return {}
+        acc = self.accelerator
+        self.policy.eval()
+        n, world = len(self.eval_ds), acc.num_processes
+        per_rank = -(-n // world)
+        mine = list(range(acc.process_index * per_rank, min(n, (acc.process_index + 1) * per_rank)))
+        size = self.cfg.train.eval_batch_size
+        accum = MetricAccumulator()
+        sums: dict[str, float] = {}
+        unit_totals: dict[str, float] = {}
+        for s in range(-(-per_rank // size)):
+            idx = mine[s * size:(s + 1) * size]
+            batch = self.collator([self.eval_ds[i] for i in (idx or [0])])
+            if not idx:  # keep ranks in lockstep; this rank's extra batch is not counted
+                self._forward_loss(batch, batch["counts"])
+                continue
+            batch = _to_device(batch, acc.device)
+            if self.reference is not None:
+                self.reference.attach(batch, self.policy)
+            out = self.policy(batch, self.needs)
+            unit_sums, metrics = self.loss_set(out)
+            for unit, total in unit_sums.items():
+                sums[unit] = sums.get(unit, 0.0) + float(total)
+            for unit, c in batch["counts"].items():
+                unit_totals[unit] = unit_totals.get(unit, 0.0) + c
+            accum.add(metrics)
+        accum.add_units(unit_totals)
+        units = sorted(set(sums) | set(unit_totals))
+        flat = torch.tensor([sums.get(u, 0.0) for u in units] + [unit_totals.get(u, 0.0) for u in units],
+                            dtype=torch.float64, device=acc.device)
+        flat = acc.reduce(flat, reduction="sum").tolist()
+        k = len(units)
+        loss = sum(flat[i] / flat[k + i] for i in range(k) if flat[k + i] > 0 and units[i] in sums)
+        self.policy.train()
+        return {"loss": loss, **accum.reduce(acc)}
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
+        if resume_from:
+            state = checkpoint.load(acc, resume_from)
+            self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+            log.info("resumed from %s at step %d", resume_from, self.step)
+        tracker = RunTracker(acc, self.output_dir, self.total_steps, self.step, cfg.train,
+                             OmegaConf.to_container(cfg, resolve=True))
+        if acc.is_main_process:
+            log.info("run dir %s | %d examples, %d steps (%d/epoch) | global batch %d = %d micro x %d ranks x %d "
+                     "accumulation", self.output_dir, len(self.train_ds), self.total_steps, self.steps_per_epoch,
+                     cfg.train.global_batch_size, cfg.train.micro_batch_size, acc.num_processes, self.accumulation)
+        first_eval = self.evaluate() if self.step == 0 else None
+        if first_eval:
+            tracker.log(0, "eval", first_eval)
+        accum, interval_losses = MetricAccumulator(), []
+        last_eval = first_eval
+        while self.step < self.total_steps:
+            step_loss = self.train_step(accum)
+            self.step += 1
+            interval_losses.append(step_loss)
+            tracker.step(getattr(self, "_tokens", 0) * acc.num_processes, step_loss)
+            last = self.step == self.total_steps
+            if self.step % cfg.train.log_every == 0 or last:
+                metrics = {"loss": sum(interval_losses) / len(interval_losses), **accum.reduce(acc),
+                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tracker.tokens_per_second()}
+                if self.skipped_steps:
+                    metrics["skipped_steps"] = self.skipped_steps
+                tracker.log(self.step, "train", metrics)
+                self.history.append(metrics)
+                accum, interval_losses = MetricAccumulator(), []
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                last_eval = self.evaluate()
+                if last_eval:
+                    tracker.log(self.step, "eval", last_eval)
+            if self.step % cfg.train.save_every == 0 or last:
+                checkpoint.save(acc, self.output_dir, self.step,
+                                {"step": self.step, "skipped_steps": self.skipped_steps}, cfg.train.keep_last)
+        tracker.close(cfg.train.plot, self.output_dir)
+        if cfg.export.enabled:
+            export_model(acc, self.policy, self.tokenizer, self.output_dir, cfg.export.merge_lora)
+        summary = {"output_dir": self.output_dir, "steps": self.step, "skipped_steps": self.skipped_steps,
+                   "eval_before": first_eval, "eval_after": last_eval,
+                   "train_last": self.history[-1] if self.history else None}
+        if acc.is_main_process and first_eval and last_eval:
+            keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last_eval]
+            log.info("eval before -> after training: %s",
+                     ", ".join(f"{k} {first_eval[k]:.4f} -> {last_eval[k]:.4f}" for k in keys))
+        return summary
