@@ -15,6 +15,7 @@ import datasets
 from omegaconf import OmegaConf
 
 from data.sources import load_rows
+from data.stages import stages_at
 from data.templates import build_template
 from data.tokenize import TRUNCATION_POLICIES, tokenize_row
 
@@ -81,11 +82,17 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
             eval_rows, _ = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)
         else:
             rows, eval_rows = _split(rows, data_cfg.get("eval_fraction", 0.0), seed + i)
+        for stage, options in stages_at("rows", data_cfg.get("stages")):
+            rows = stage(rows, split="train", seed=seed + i, **options)
+            eval_rows = stage(eval_rows, split="eval", seed=seed + i, **options) if eval_rows is not None else None
         train_parts.append(_tokenize(rows, spec, kind, template, tokenizer, data_cfg, counts, "train"))
         if eval_rows is not None:
             eval_parts.append(_tokenize(eval_rows, spec, kind, template, tokenizer, data_cfg, counts, "eval"))
     train = datasets.concatenate_datasets(train_parts)
     evaluation = datasets.concatenate_datasets(eval_parts) if eval_parts else None
+    for stage, options in stages_at("examples", data_cfg.get("stages")):
+        train = stage(train, split="train", seed=seed, **options)
+        evaluation = stage(evaluation, split="eval", seed=seed, **options) if evaluation is not None else None
     if len(train) == 0:
         raise ValueError(f"no training examples left after filtering: {dict(counts)}")
     log.info("data: %d train / %d eval examples; %s", len(train), len(evaluation or []), dict(sorted(counts.items())))

@@ -1,0 +1,40 @@
+"""Shared test helpers: compose a run config exactly as train.py does, with fast settings for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FAST = [
+    "train.progress_bar=false",
+    "train.plot=false",
+    "data.sources.0.num_rows=400",
+]
+
+
+def make_cfg(overrides: list[str], fast: bool = True):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=RECIPES, version_base=None):
+        return compose("config", overrides=(FAST if fast else []) + list(overrides))
+
+
+def read_metrics(output_dir: str, split: str = "train") -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        return [r for r in map(json.loads, handle) if r["split"] == split]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("TUNELAB_CACHE", str(path))
+    return path
