@@ -14,6 +14,7 @@ from collections import Counter
 import datasets
 from omegaconf import OmegaConf
 
+import data.mctune  # noqa: F401  (registers the mctune stage)
 from data.sources import load_rows
 from data.stages import stages_at
 from data.templates import build_template

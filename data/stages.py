@@ -3,6 +3,9 @@
 A stage is a function registered under a name with the point where it runs:
 - ``rows``: on a source's raw rows before tokenization (e.g. rewrite prompts),
 - ``examples``: on the tokenized train/eval datasets (e.g. add a ``group`` column the sampler uses).
+It is called as ``fn(dataset, split=..., seed=..., context=..., **options)``, first for the train split and
+then for the eval split; ``context`` is a dict shared by those calls, so statistics fitted on the training
+split (e.g. quantisation bounds) are applied unchanged to the eval split.
 Recipes list them in ``data.stages``: ``[{name: <stage>, <options>...}]``; they run in that order.
 """
 
@@ -26,7 +29,7 @@ def register_stage(name: str, point: str):
 
 
 def stages_at(point: str, stage_cfgs) -> list[tuple[Callable, dict]]:
-    """The configured stages that run at ``point``, with their options."""
+    """The configured stages that run at ``point``, with their options (``context`` included)."""
     out = []
     for spec in stage_cfgs or []:
         options = dict(spec)
@@ -35,5 +38,5 @@ def stages_at(point: str, stage_cfgs) -> list[tuple[Callable, dict]]:
             raise KeyError(f"unknown data stage {name!r}; valid: {', '.join(sorted(STAGES)) or '(none registered)'}")
         where, fn = STAGES[name]
         if where == point:
-            out.append((fn, options))
+            out.append((fn, {**options, "context": {}}))
     return out

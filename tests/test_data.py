@@ -15,7 +15,7 @@ from trainers.models import tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer(512)
+    return tiny_tokenizer()
 
 
 def data_cfg(**over):

@@ -32,23 +32,32 @@ def package_file(spec: str) -> str:
     return os.path.join(found.submodule_search_locations[0], rel)
 
 
-def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the bundled corpus: deterministic, offline, with a chat template."""
+TINY_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny_tokenizer.json")
+
+
+def train_tiny_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE trained on the bundled corpus. BPE training is not deterministic (tie order), so it is
+    run once by scripts/make_tiny_tokenizer.py and the result is shipped: every rank and machine then shares
+    one vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from data.bundled import corpus
 
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    return tok
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny model's tokenizer (shipped file, offline) with a ChatML-style chat template."""
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+        tokenizer_file=TINY_TOKENIZER, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
     )
     wrapped.chat_template = TINY_CHAT_TEMPLATE
     return wrapped
@@ -56,7 +65,7 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_tokenizer(model_cfg):
     if model_cfg.source == "tiny":
-        return tiny_tokenizer(model_cfg.tiny.vocab_size)
+        return tiny_tokenizer()
     path, kwargs = _location(model_cfg)
     tok = AutoTokenizer.from_pretrained(model_cfg.get("tokenizer") or path, **kwargs)
     if tok.pad_token is None:  # padding positions are masked by layout, never by token id, so any id works

@@ -105,7 +105,8 @@ class Reference:
             if ds is None:
                 out[split] = None
                 continue
-            key = hashlib.sha256(f"{model_key}|{weights}|{content_fingerprint(ds)}|{collator.kind}".encode()).hexdigest()[:24]
+            key_text = f"{model_key}|{weights}|{content_fingerprint(ds)}|{collator.kind}"
+            key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
             path = os.path.join(self.cfg.reference.cache_dir, f"{key}.json")
             if os.path.exists(path):
                 with open(path) as handle:

@@ -41,6 +41,10 @@ class RunTracker:
         self.tokens = 0
         self.window_start = time.perf_counter()
 
+    def start_timer(self) -> None:
+        self.tokens = 0
+        self.window_start = time.perf_counter()
+
     def step(self, num_tokens: int, loss: float) -> None:
         self.tokens += num_tokens
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)

@@ -216,6 +216,7 @@ class Trainer:
             tracker.log(0, "eval", first_eval)
         accum, interval_losses = MetricAccumulator(), []
         last_eval = first_eval
+        tracker.start_timer()
         while self.step < self.total_steps:
             step_loss = self.train_step(accum)
             self.step += 1
