@@ -11,6 +11,8 @@ from trainers.trainer import Trainer
 @hydra.main(config_path="recipes", config_name="config", version_base=None)
 def main(cfg) -> None:
     logging.getLogger("tunelab").setLevel(logging.INFO)
+    for noisy in ("accelerate", "transformers", "peft", "deepspeed"):  # keep the log to our own lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
     Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
 

@@ -132,3 +132,19 @@ def test_nonfinite_loss_stops_with_a_message_or_is_skipped(tmp_path):
 def test_inconsistent_batch_sizes_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of train.micro_batch_size=4"):
         run(tmp_path, "bad", "train.global_batch_size=10", "train.micro_batch_size=4", fit=False)
+
+
+def test_trackers_work_offline_and_the_loss_plot_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path, "track", "train.max_steps=2", "train.log_every=1", "train.eval_every=0", "train.plot=true",
+        "train.trackers=[tensorboard,wandb]")
+    out = tmp_path / "track"
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    event_files = [f for _, _, files in os.walk(out) for f in files if f.startswith("events.out.tfevents")]
+    assert event_files
+    assert any(d.startswith("offline-run") for d in os.listdir(out / "wandb"))
+
+
+def test_unknown_tracker_is_rejected(tmp_path):
+    with pytest.raises(KeyError, match="valid: wandb, tensorboard"):
+        run(tmp_path, "badtrack", "train.max_steps=1", "train.trackers=[mlflow]")

@@ -30,10 +30,10 @@ class RunTracker:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.trackers = tracker_names(train_cfg)
+        self.trackers = list(train_cfg.trackers or [])
         if self.trackers:
             accelerator.init_trackers(
-                train_cfg.project, config=config,
+                train_cfg.project, config=flatten(config),
                 init_kwargs={"wandb": {"dir": output_dir, "name": os.path.basename(output_dir)}},
             )
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.main and train_cfg.progress_bar),
@@ -72,6 +72,18 @@ class RunTracker:
             self.accelerator.end_training()
         if self.main and plot and os.path.exists(self.path):
             plot_losses(self.path, os.path.join(output_dir, "loss_curves.png"))
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config -> {"a.b": scalar} (TensorBoard's hparams take scalars only)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:

@@ -30,7 +30,7 @@ from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, build_tokenizer
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.reference import Reference, _to_device
-from trainers.tracking import RunTracker
+from trainers.tracking import RunTracker, tracker_names
 
 log = logging.getLogger("tunelab")
 
@@ -39,30 +39,29 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def resolve_output_dir(cfg, accelerator, recipe_name: str) -> str:
+def resolve_output_dir(cfg, state: PartialState, recipe_name: str) -> str:
     """Rank 0 picks the directory (its clock) and every rank, on every node, uses that choice."""
     chosen = [cfg.output_dir or os.path.join("runs", recipe_name, time.strftime("%Y-%m-%d_%H-%M-%S"))]
-    if accelerator.num_processes > 1:
+    if state.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
     return chosen[0]
 
 
 class Trainer:
-    def __init__(self, cfg, recipe_name: str = "run", accelerator: Accelerator | None = None):
+    def __init__(self, cfg, recipe_name: str = "run"):
         self.cfg = cfg
         train = cfg.train
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
         self.needs = self.loss_set.needs
         self.kind = "pairs" if self.needs.pairs else "sft"
-        world = (accelerator or PartialState(cpu=not torch.cuda.is_available())).num_processes
-        self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, world)
-        self.accelerator = accelerator or Accelerator(
+        state = PartialState(cpu=not torch.cuda.is_available())
+        self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
+        self.output_dir = resolve_output_dir(cfg, state, recipe_name)
+        self.accelerator = acc = Accelerator(
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=self.accumulation,
-            cpu=not torch.cuda.is_available(),
+            cpu=not torch.cuda.is_available(), log_with=tracker_names(train) or None, project_dir=self.output_dir,
         )
-        acc = self.accelerator
         set_seed(cfg.seed)
-        self.output_dir = resolve_output_dir(cfg, acc, recipe_name)
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"), resolve=True)
@@ -205,12 +204,12 @@ class Trainer:
             state = checkpoint.load(acc, resume_from)
             self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
             log.info("resumed from %s at step %d", resume_from, self.step)
-        tracker = RunTracker(acc, self.output_dir, self.total_steps, self.step, cfg.train,
-                             OmegaConf.to_container(cfg, resolve=True))
         if acc.is_main_process:
             log.info("run dir %s | %d examples, %d steps (%d/epoch) | global batch %d = %d micro x %d ranks x %d "
                      "accumulation", self.output_dir, len(self.train_ds), self.total_steps, self.steps_per_epoch,
                      cfg.train.global_batch_size, cfg.train.micro_batch_size, acc.num_processes, self.accumulation)
+        tracker = RunTracker(acc, self.output_dir, self.total_steps, self.step, cfg.train,
+                             OmegaConf.to_container(cfg, resolve=True))
         first_eval = self.evaluate() if self.step == 0 else None
         if first_eval:
             tracker.log(0, "eval", first_eval)
