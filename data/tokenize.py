@@ -45,7 +45,9 @@ def sft_example(row: dict, fmt: str, template, tokenizer, max_length: int, trunc
 def _response_ids(template, tokenizer, prompt_turns, reply) -> tuple[list[int], list[int]]:
     ids, mask = encode_segments(tokenizer, template.segments(prompt_turns + [reply]))
     last = len(mask) - mask[::-1].index(1)  # drop context tokens after the final EOS
-    start = mask.index(1)
+    start = last  # the response is the final assistant turn; earlier assistant turns are prompt context
+    while start > 0 and mask[start - 1]:
+        start -= 1
     return ids[:start], ids[start:last]
 
 

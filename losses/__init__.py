@@ -1,9 +1,8 @@
 """Loss registry: every loss module registers itself by name; recipes pick losses by those names."""
 
-from losses.registry import LOSSES, PAIR_WEIGHTINGS, register_loss, register_pair_weighting
+# Importing the loss modules registers them.
+from losses import dpo, ntp, orpo, rpo, sftmix, simpo, wpo  # noqa: F401
 from losses.compose import LossSet, build_loss
-
-# Importing the modules registers them.
-from losses import ntp  # noqa: F401,E402
+from losses.registry import LOSSES, PAIR_WEIGHTINGS, register_loss, register_pair_weighting
 
 __all__ = ["LOSSES", "PAIR_WEIGHTINGS", "LossSet", "build_loss", "register_loss", "register_pair_weighting"]

@@ -1,0 +1,177 @@
+"""Preference recipes: every recipe composes and builds its loss; each tiny preference recipe trains; the
+reference strategies agree; SimPO and DPO learn the bundled preferences."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from conftest import RECIPES, make_cfg, read_metrics
+
+from losses import build_loss
+from trainers.trainer import Trainer
+
+PREFERENCE_RECIPES = ["dpo", "ipo", "simpo", "rpo", "rpo_average", "wpo", "orpo"]
+ALL_RECIPES = sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe")) if f.endswith(".yaml"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# ---- composition ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_every_recipe_composes_and_builds_its_loss(name):
+    cfg = make_cfg([f"recipe={name}"], fast=False)
+    loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
+    assert loss_set.terms
+    if name in PREFERENCE_RECIPES:
+        assert loss_set.needs.pairs and cfg.model.source == "tiny"
+        assert cfg.data.sources[0].path == "bundled:preferences"
+
+
+def test_command_line_data_and_model_win_over_a_recipes_defaults():
+    cfg = make_cfg(["recipe=simpo_llama3_instruct_v02"], fast=False)
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert cfg.data.sources[0].path == "princeton-nlp/llama3-ultrafeedback-armorm"
+    cfg = make_cfg(["recipe=simpo_llama3_instruct_v02", "data=bundled_pref", "model=tiny"], fast=False)
+    assert cfg.model.source == "tiny" and cfg.data.sources[0].path == "bundled:preferences"
+    assert cfg.loss.simpo.beta == 10.0  # the recipe's method settings stay
+    cfg = make_cfg(["recipe=simpo", "data=ultrafeedback_binarized"], fast=False)
+    assert cfg.data.sources[0].path == "HuggingFaceH4/ultrafeedback_binarized"
+    cfg = make_cfg(["recipe=simpo", "+loss.ntp.weight=0.5"], fast=False)  # SimPO's sft_weight by composition
+    assert [name for name, _, _ in build_loss(cfg.loss).terms] == ["simpo", "ntp"]
+
+
+# (recipe, loss name, {option: value}, lr, global batch, epochs, data path, max length, max prompt length)
+PAPER = [
+    ("dpo_zephyr_7b_beta", "dpo", {"beta": 0.01}, 5e-7, 128, 1, "HuggingFaceH4/ultrafeedback_binarized", 1024, 512),
+    ("simpo_mistral_base", "simpo", {"beta": 2.0, "gamma_beta_ratio": 0.8}, 3e-7, 128, 1,
+     "HuggingFaceH4/ultrafeedback_binarized", 1024, 512),
+    ("simpo_mistral_instruct", "simpo", {"beta": 2.5, "gamma_beta_ratio": 0.1}, 5e-7, 128, 1,
+     "princeton-nlp/mistral-instruct-ultrafeedback", 2048, 1800),
+    ("simpo_llama3_base", "simpo", {"beta": 2.0, "gamma_beta_ratio": 0.5}, 6e-7, 128, 1,
+     "HuggingFaceH4/ultrafeedback_binarized", 2048, 1800),
+    ("simpo_llama3_instruct", "simpo", {"beta": 2.5, "gamma_beta_ratio": 0.55}, 1e-6, 128, 1,
+     "princeton-nlp/llama3-ultrafeedback", 2048, 1800),
+    ("simpo_llama3_instruct_v02", "simpo", {"beta": 10.0, "gamma_beta_ratio": 0.3}, 1e-6, 128, 1,
+     "princeton-nlp/llama3-ultrafeedback-armorm", 2048, 1800),
+    ("simpo_gemma2_9b_it", "simpo", {"beta": 10.0, "gamma_beta_ratio": 0.5}, 8e-7, 128, 1,
+     "princeton-nlp/gemma2-ultrafeedback-armorm", 2048, 1800),
+    ("rpo_zephyr_7b_beta", "rpo", {"beta": 0.01, "eta": 0.005, "variant": "cumulative"}, 5e-7, 128, 1,
+     "HuggingFaceH4/ultrafeedback_binarized", 1024, 512),
+    ("rpo_zephyr_7b_gemma", "rpo", {"beta": 0.05, "eta": 0.005, "variant": "cumulative"}, 5e-7, 128, 2,
+     "argilla/dpo-mix-7k", 1024, 512),
+    ("rpo_average_zephyr_7b_gemma", "rpo", {"beta": 0.5, "eta": 0.2, "variant": "average"}, 5e-7, 128, 2,
+     "argilla/dpo-mix-7k", 1024, 512),
+    ("wpo_mistral_sft_beta", "dpo", {"beta": 0.01}, 5e-7, 128, 1, "HuggingFaceH4/ultrafeedback_binarized", 1024, 512),
+    ("wpo_llama3_instruct", "dpo", {"beta": 0.01}, 1e-6, 128, 2, "HuggingFaceH4/ultrafeedback_binarized", 2048, 1800),
+    ("orpo_mistral_7b_beta", "orpo", {"lambda": 0.1}, 5e-6, 32, 5,
+     "argilla/ultrafeedback-binarized-preferences-cleaned", 2048, 1792),
+]
+
+
+@pytest.mark.parametrize("recipe, loss, options, lr, batch, epochs, data, max_length, max_prompt", PAPER,
+                         ids=[p[0] for p in PAPER])
+def test_paper_recipes_carry_the_published_numbers(recipe, loss, options, lr, batch, epochs, data, max_length,
+                                                   max_prompt):
+    cfg = make_cfg([f"recipe={recipe}"], fast=False)
+    assert cfg.model.source == "hf" and cfg.model.name_or_path
+    for key, value in options.items():
+        assert cfg.loss[loss][key] == value, key
+    train = cfg.train
+    assert (train.lr, train.global_batch_size, train.epochs, train.max_steps) == (lr, batch, epochs, None)
+    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.data.sources[0].path == data and cfg.data.sources[0].format == "pairwise_messages"
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (max_length, max_prompt)
+    if recipe.startswith("wpo"):
+        assert cfg.pair_weighting.name == "wpo" and cfg.pair_weighting.alignment == "sampled"
+    if recipe.startswith("orpo"):
+        assert "ntp" in cfg.loss  # ORPO = NLL (ntp) + lambda * odds-ratio term
+
+
+# ---- a few steps of every tiny preference recipe ------------------------------------------------------------------
+
+def short_run(tmp_path, name, *overrides, steps=3):
+    cfg = make_cfg([
+        f"output_dir={tmp_path / name}", f"train.max_steps={steps}", "data.sources.0.num_rows=200",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0",
+        "export.enabled=false", f"reference.cache_dir={tmp_path / 'ref_cache'}", *overrides,
+    ])
+    summary = Trainer(cfg, recipe_name=name).fit()
+    return summary, read_metrics(str(tmp_path / name))
+
+
+EXPECTED_METRICS = {
+    "wpo": ["wpo/weight_mean", "wpo/weight_min", "wpo/weight_max"],
+    "orpo": ["ntp/nll", "orpo/log_odds_ratio", "orpo/log_sigmoid_odds_ratio"],
+    "rpo": ["rpo/sft"], "rpo_average": ["rpo/sft"],
+}
+
+
+@pytest.mark.parametrize("recipe", PREFERENCE_RECIPES)
+def test_preference_recipe_runs_a_few_steps(tmp_path, recipe):
+    summary, train_log = short_run(tmp_path, recipe, f"recipe={recipe}")
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    assert len(train_log) == 3 and all(math.isfinite(r["loss"]) for r in train_log)
+    for split in ("eval_before", "eval_after"):
+        assert all(math.isfinite(v) for v in summary[split].values())
+    for key in ["rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected",
+                *EXPECTED_METRICS.get(recipe, [])]:
+        assert key in train_log[-1], key
+    if recipe in ("dpo", "ipo", "rpo", "rpo_average", "wpo"):  # step 1: policy == reference
+        assert train_log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    if recipe == "dpo":
+        assert train_log[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+# ---- reference strategies ------------------------------------------------------------------------------------------
+
+def step_losses(tmp_path, name, *overrides):
+    _, log = short_run(tmp_path, name, "recipe=dpo", *overrides)
+    return [r["loss"] for r in log]
+
+
+def test_precomputed_reference_gives_the_losses_of_a_live_frozen_copy(tmp_path):
+    precomputed = step_losses(tmp_path, "pre", "reference.strategy=precomputed")
+    frozen = step_losses(tmp_path, "frozen", "reference.strategy=frozen_copy")
+    assert precomputed[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert precomputed[-1] != pytest.approx(math.log(2), abs=1e-4)  # the reference matters after step 1
+    assert precomputed == pytest.approx(frozen, abs=1e-5)
+    assert os.listdir(tmp_path / "ref_cache")  # the precomputed log-probs were cached
+    again = step_losses(tmp_path, "pre_again", "reference.strategy=precomputed")  # cache hit, same numbers
+    assert again == pytest.approx(precomputed, abs=1e-6)
+
+
+def test_adapter_disabled_reference_with_lora(tmp_path):
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0",
+            "train.lr=1e-2"]
+    adapter = step_losses(tmp_path, "adapter", "reference.strategy=adapter_disabled", *lora)
+    precomputed = step_losses(tmp_path, "lora_pre", "reference.strategy=precomputed", *lora)
+    assert adapter[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert adapter[-1] != pytest.approx(math.log(2), abs=1e-4)
+    assert adapter == pytest.approx(precomputed, abs=1e-5)
+    with pytest.raises(ValueError, match="needs model.lora.enabled=true"):
+        short_run(tmp_path, "no_lora", "recipe=dpo", "reference.strategy=adapter_disabled")
+
+
+# ---- learning ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, steps", [("simpo", 150), ("dpo", 150)])
+def test_preference_training_raises_eval_reward_accuracy(tmp_path, recipe, steps):
+    cfg = make_cfg([
+        f"recipe={recipe}", f"output_dir={tmp_path / recipe}", f"train.max_steps={steps}", "train.eval_every=0",
+        "export.enabled=false", "train.save_every=100000", f"reference.cache_dir={tmp_path / 'ref_cache'}",
+    ], fast=False)
+    summary = Trainer(cfg, recipe_name=recipe).fit()
+    before = summary["eval_before"]["rewards/accuracies"]
+    after = summary["eval_after"]["rewards/accuracies"]
+    assert after > before + 0.2 and after > 0.7, (before, after)
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
