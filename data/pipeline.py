@@ -15,6 +15,7 @@ import datasets
 from omegaconf import OmegaConf
 
 import data.mctune  # noqa: F401  (registers the mctune stage)
+import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
 from data.sources import load_rows
 from data.stages import stages_at
 from data.templates import build_template
