@@ -117,3 +117,57 @@ def corpus(seed: int = 0) -> list[str]:
     for i, x, good, bad in _examples(3000, seed):
         texts += [i, x, good, bad]
     return texts
+
+
+# ---- instructions with variable-length answers (MCTune demo) ---------------------------------------------------
+# The tasks above have one right answer of a fixed length per prompt. Here the instruction leaves the length (and
+# the mix of nouns, verbs and adjectives) open and the generator draws it, so a response's linguistic features
+# vary independently of its prompt: only control tags can tell a model how long the answer should be.
+
+_VERBS = ("likes", "sees", "finds", "keeps", "holds", "paints", "builds", "wants")
+_PEOPLE = ("The child", "My friend", "The farmer", "A painter", "The king", "Our teacher")
+
+
+def _varied_list(rng):
+    words = _pick(rng, WORDS, rng.randint(1, 12))
+    return "List some words.", "", ", ".join(words) + "."
+
+
+def _varied_objects(rng):
+    objs = _pick(rng, OBJECTS, rng.randint(1, 6))
+    return "Describe some objects.", "", " ".join(f"The {o} is {OBJECTS[o]}." for o in objs)
+
+
+def _varied_country(rng):
+    country = rng.choice(list(COUNTRIES))
+    word, colour = rng.choice(WORDS), rng.choice(sorted(set(OBJECTS.values())))
+    facts = [
+        f"The capital of {country} is {COUNTRIES[country]}.",
+        f"{country} is a small country.",
+        f"{country} has a {colour} {word}.",
+        f"The people of {country} like {rng.choice(WORDS)} and {rng.choice(WORDS)}.",
+        f"{COUNTRIES[country]} is a quiet city with an old {rng.choice(WORDS)}.",
+        f"Every winter the rivers of {country} turn {rng.choice(sorted(set(OBJECTS.values())))}.",
+    ]
+    rng.shuffle(facts)
+    return "Tell me about the country.", country, " ".join(facts[: rng.randint(1, len(facts))])
+
+
+def _varied_story(rng):
+    sentences = []
+    for _ in range(rng.randint(1, 5)):
+        who, verb = rng.choice(_PEOPLE), rng.choice(_VERBS)
+        obj = rng.choice(WORDS)
+        if rng.random() < 0.5:
+            obj = f"{rng.choice(sorted(set(OBJECTS.values())))} {obj}"
+        sentences.append(f"{who} {verb} the {obj}.")
+    return "Write a short story.", "", " ".join(sentences)
+
+
+VARIED_TASKS = (_varied_list, _varied_objects, _varied_country, _varied_story)
+
+
+def varied_instruction_rows(n: int = 2000, seed: int = 0) -> list[dict]:
+    """Alpaca-schema rows whose response length and word mix vary for the same instruction (1 to ~45 words)."""
+    rng = random.Random(seed)
+    return [dict(zip(("instruction", "input", "output"), rng.choice(VARIED_TASKS)(rng))) for _ in range(n)]

@@ -14,7 +14,11 @@ import datasets
 
 from data import bundled
 
-BUNDLED = {"instructions": bundled.instruction_rows, "preferences": bundled.preference_rows}
+BUNDLED = {
+    "instructions": bundled.instruction_rows,
+    "preferences": bundled.preference_rows,
+    "varied_instructions": bundled.varied_instruction_rows,  # variable-length answers (MCTune demo)
+}
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
