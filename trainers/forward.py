@@ -2,10 +2,20 @@
 
 ``CausalLMWithLogProbs`` wraps a Hugging Face causal LM (plain, PEFT-wrapped, or DeepSpeed-sharded) so that
 DDP/DeepSpeed see one module whose forward returns ``ForwardOutputs``. The body runs over the packed rows;
-hidden states are gathered at the predicting positions only; each chunk of ``chunk_size`` of them goes through
-the LM head and a log-softmax reduction under activation checkpointing, so neither the [batch, seq, vocab]
-logits nor a full log-softmax is ever held: peak extra memory is one [chunk_size, vocab] block, in the
-forward and in the backward (which recomputes that block).
+hidden states are gathered at the predicting positions only, and the LM head scores them in chunks of
+``chunk_size`` rows, so the [batch, seq, vocab] logits are never held.
+
+The LM head has two exact implementations (``target_logps`` picks one):
+
+- fused (a plain bias-free ``nn.Linear`` head, the usual case): one autograd function over all chunks. Forward:
+  per chunk, logits into a reused buffer, target logit, then max / exp / sum in place for the log-sum-exp. The
+  probabilities of the first chunks are kept for the backward while they fit in ``keep_bytes``; the other chunks
+  are recomputed there. Backward: d log p(y) / d z = onehot(y) - softmax(z), with the upstream gradient g folded
+  into the small [chunk, d] side: grad_hidden = g * (W[y] - P W) and grad_W = (g h)^T onehot - P^T (g h), so no
+  [chunk, vocab] gradient tensor is ever formed. A frozen head (LoRA) skips grad_W; tied embeddings get grad_W
+  through the shared weight like any other use of it.
+- generic (any other head: a bias, hooks, a DeepSpeed ZeRO-3 partitioned or DTensor weight): each chunk through
+  the head module and a log-softmax reduction under activation checkpointing (recomputed in the backward).
 """
 
 from __future__ import annotations
@@ -16,7 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
 
+# Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
+DEFAULT_KEEP_BYTES = 256 * 2 ** 20
 
+
+# ---- generic path ---------------------------------------------------------------------------------------------
 def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, stats: tuple[str, ...]):
     logits = head(hidden).float()
     lse = torch.logsumexp(logits, dim=-1)
@@ -33,10 +47,8 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
     return (logps, *extra)
 
 
-def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, stats=()):
-    """log p(target) for each row of ``hidden`` [N, d], plus the requested token statistics."""
+def _generic_target_logps(head, hidden, targets, chunk_size, stats):
     outputs = [[] for _ in range(1 + len(stats))]
-    stats = tuple(stats)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
@@ -46,15 +58,194 @@ def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, c
         for acc, part in zip(outputs, parts):
             acc.append(part)
     empty = hidden.new_zeros(0, dtype=torch.float32)
-    joined = [torch.cat(acc) if acc else empty for acc in outputs]
+    return [torch.cat(acc) if acc else empty for acc in outputs]
+
+
+# ---- fused path -----------------------------------------------------------------------------------------------
+def fused_head_supported(head: nn.Module) -> bool:
+    """A bias-free plain ``nn.Linear`` whose full weight is a local tensor, with no hooks that a direct use of
+    the weight would bypass. ZeRO-3 (partitioned, ``ds_id``, empty until gathered), DTensor (FSDP2) and
+    quantized weights, heads with a bias and wrapped heads take the generic path."""
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and not hasattr(weight, "ds_id")
+        and weight.numel() > 0
+        and weight.dtype.is_floating_point
+        and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+    )
+
+
+class _BlockPool:
+    """Reuses the large float32 blocks of the fused head across calls on CPU, where every fresh allocation of
+    that size is a new mapping whose first touch page-faults (~30% on top of the logits matmul). Blocks handed
+    out are views of a pooled base, so they share its version counter: a saved block overwritten by a later call
+    makes a (retain_graph) second backward fail loudly instead of reading stale values. CUDA has its own caching
+    allocator, so other devices allocate directly."""
+
+    def __init__(self, max_blocks: int = 2):
+        self.free: list[torch.Tensor] = []
+        self.max_blocks = max_blocks
+
+    def take(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        need = rows * cols
+        if device.type == "cpu":
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= need]
+            if fits:
+                base = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+                return base[:need].view(rows, cols)
+        return torch.empty(rows, cols, dtype=torch.float32, device=device)
+
+    def give(self, block: torch.Tensor | None) -> None:
+        if block is None or block.device.type != "cpu":
+            return
+        base = block._base if block._base is not None else block
+        self.free.append(base.view(-1))
+        if len(self.free) > self.max_blocks:
+            self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+
+_POOL = _BlockPool()
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``head(hidden)`` would compute in (autocast's when it is on, else the operands')."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits h @ w^T, written into ``buffer`` (float32 [>= len(h), V]) when given."""
+    if w.dtype == torch.float32 and buffer is not None:
+        out = buffer[:h.shape[0]]
+        return torch.mm(h, w.t(), out=out)
+    logits = torch.mm(h, w.t())
+    if logits.dtype == torch.float32:
+        return logits
+    if buffer is None:
+        return logits.float()
+    return buffer[:h.shape[0]].copy_(logits)
+
+
+def _spans(n: int, keep_rows: int, chunk_size: int):
+    """Chunks of at most chunk_size rows: over the kept rows [0, keep_rows), then over the rest."""
+    for first, last in ((0, keep_rows), (keep_rows, n)):
+        for start in range(first, last, chunk_size):
+            yield start, min(last, start + chunk_size)
+
+
+class _FusedTargetLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, stats, keep_bytes):
+        dtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedTargetLogps._forward(ctx, hidden, weight, targets, chunk_size, stats, keep_bytes, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_size, stats, keep_bytes, dtype):
+        w = weight.to(dtype)
+        n, vocab = hidden.shape[0], w.shape[0]
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        extra = {name: hidden.new_empty(n, dtype=torch.float32) for name in stats}
+        # the first rows' probabilities are kept for the backward (whole chunks, within keep_bytes)
+        keep_rows = 0 if ctx is None else min(n, keep_bytes // (4 * vocab))
+        kept = _POOL.take(keep_rows, vocab, hidden.device) if keep_rows else None
+        buffer = _POOL.take(min(chunk_size, n - keep_rows), vocab, hidden.device) if keep_rows < n else None
+        for start, stop in _spans(n, keep_rows, chunk_size):
+            block = kept[start:stop] if stop <= keep_rows else buffer
+            z = _chunk_logits(hidden[start:stop].to(dtype), w, block)
+            y = targets[start:stop]
+            target = z.gather(1, y[:, None]).squeeze(1)
+            if STAT_LOGIT_MEAN in extra:
+                extra[STAT_LOGIT_MEAN][start:stop] = z.mean(-1)
+            top = z.amax(-1)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            e = z.sub_(top[:, None]).exp_()  # z is dead from here on: exp(z - max) in place
+            total = e.sum(-1)
+            chunk_lse = top + total.log()
+            lse[start:stop] = chunk_lse
+            logps[start:stop] = target - chunk_lse
+            if STAT_LOG_SUM_P2 in extra:  # log sum p^2 = log sum e^2 - 2 log sum e
+                squares = torch.bmm(e[:, None, :], e[:, :, None]).view(-1)
+                extra[STAT_LOG_SUM_P2][start:stop] = squares.log() - 2 * total.log()
+            if STAT_MAX_LOGP in extra:
+                extra[STAT_MAX_LOGP][start:stop] = top - chunk_lse
+            if stop <= keep_rows:
+                e.div_(total[:, None])  # softmax, kept for the backward
+        _POOL.give(buffer)
+        if ctx is not None:
+            ctx.chunk_size, ctx.dtype, ctx.keep_rows = chunk_size, dtype, keep_rows
+            ctx.save_for_backward(hidden, weight, targets, lse, kept)
+            ctx.mark_non_differentiable(*extra.values())
+        return (logps, *extra.values())
+
+    @staticmethod
+    def backward(ctx, grad_logps, *unused):
+        hidden, weight, targets, lse, kept = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype, chunk_size, keep_rows = ctx.dtype, ctx.chunk_size, ctx.keep_rows
+        w = weight.to(dtype)
+        n, vocab = hidden.shape[0], w.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        g = grad_logps.float()
+        buffer = _POOL.take(min(chunk_size, n - keep_rows), vocab, hidden.device) if keep_rows < n else None
+        for start, stop in _spans(n, keep_rows, chunk_size):
+            h = hidden[start:stop].to(dtype)
+            y = targets[start:stop]
+            if stop <= keep_rows:
+                probs = kept[start:stop]
+            else:
+                probs = _chunk_logits(h, w, buffer).sub_(lse[start:stop, None]).exp_()
+            probs = probs.to(dtype)
+            gc = g[start:stop, None]
+            if need_hidden:  # g * (W[y] - P W)
+                grad = w.index_select(0, y).float() - torch.mm(probs, w).float()
+                grad_hidden[start:stop] = (grad * gc).to(hidden.dtype)
+            if need_weight:  # (g h)^T onehot(y) - P^T (g h)
+                gh = h.float() * gc
+                grad_weight.index_add_(0, y, gh)
+                if dtype == torch.float32:
+                    grad_weight.addmm_(probs.t(), gh, alpha=-1)
+                else:
+                    grad_weight.sub_(torch.mm(probs.t(), gh.to(dtype)).float())
+        _POOL.give(buffer)
+        _POOL.give(kept)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, stats=(),
+                 keep_bytes: int = DEFAULT_KEEP_BYTES, fused: bool | None = None):
+    """log p(target) for each row of ``hidden`` [N, d], plus the requested token statistics (detached).
+
+    ``fused=None`` uses the fused LM head where ``fused_head_supported(head)``; False forces the generic path.
+    """
+    stats = tuple(stats)
+    if fused is None:
+        fused = fused_head_supported(head)
+    if hidden.shape[0] == 0 or not fused:
+        joined = _generic_target_logps(head, hidden, targets, chunk_size, stats)
+    elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        joined = _FusedTargetLogps.apply(hidden, head.weight, targets, chunk_size, stats, keep_bytes)
+    else:
+        with torch.no_grad():
+            joined = _FusedTargetLogps.forward(None, hidden, head.weight, targets, chunk_size, stats, 0)
     return joined[0], dict(zip(stats, joined[1:]))
 
 
 class CausalLMWithLogProbs(nn.Module):
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, keep_bytes: int = DEFAULT_KEEP_BYTES):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.keep_bytes = keep_bytes
 
     def forward(self, batch: dict, needs: Needs) -> ForwardOutputs:
         body = self.model.get_decoder()
@@ -67,7 +258,8 @@ class CausalLMWithLogProbs(nn.Module):
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
         targets = batch["target_ids"]
-        token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats))
+        token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats),
+                                          keep_bytes=self.keep_bytes)
         seq_role = batch["seq_role"]
         n_seq = seq_role.shape[0]
         token_seq = batch["target_seq"]
@@ -89,5 +281,5 @@ class CausalLMWithLogProbs(nn.Module):
         )
         if needs.hidden_states:
             out.hidden = hidden
-            out.score_hidden = lambda h, y: target_logps(head, h, y, self.chunk_size)[0]
+            out.score_hidden = lambda h, y: target_logps(head, h, y, self.chunk_size, keep_bytes=self.keep_bytes)[0]
         return out
