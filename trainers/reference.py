@@ -4,8 +4,12 @@
   sequence log-probs are cached on disk under a key made of the model's config, a fingerprint of its weights
   and the tokenized dataset's fingerprint (so a changed model or dataset misses the cache), and travel with the
   examples as a ``ref_logps`` column. Training then runs a single model.
-- ``frozen_copy``: a frozen copy of the initial model scores each batch.
+- ``frozen_copy``: a frozen copy of the initial model scores each batch. Under ZeRO-3 the copy is sharded too:
+  it runs in a second, optimizer-less DeepSpeed engine, so it costs each rank 1/N of the model.
 - ``adapter_disabled``: the policy itself with its LoRA adapter switched off (no second copy in memory).
+
+Under ZeRO-3 every scoring pass runs the sharded model, which gathers each layer's weights collectively: all
+ranks run the same number of forwards in lockstep (a rank without work scores a dummy batch).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import os
 from contextlib import nullcontext
 
 import torch
+from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
 from losses.base import Needs
+from trainers.distributed import is_partitioned, zero_stage
 from trainers.forward import CausalLMWithLogProbs
 
 log = logging.getLogger(__name__)
@@ -28,11 +34,23 @@ STRATEGIES = ("precomputed", "frozen_copy", "adapter_disabled")
 NO_STATS = Needs()
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: torch.nn.Module, accelerator=None) -> str:
+    """Hash of the parameter names and sums. Under ZeRO-3 (partitioned parameters) each rank sums its own
+    shards and the sums are added over ranks, a collective call: every rank must call it. Those sums may differ
+    from an unsharded model's in the last bits, so such a run can miss a cache made without ZeRO-3 (never hit a
+    wrong one)."""
+    named = list(model.named_parameters())
+    if any(is_partitioned(p) for _, p in named):
+        sums = torch.stack([p.ds_tensor.detach().double().sum().cpu() for _, p in named])
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        values = sums.tolist()
+    else:
+        values = [float(p.detach().double().sum()) for _, p in named]
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for (name, _), value in zip(named, values):
         digest.update(name.encode())
-        digest.update(repr(float(param.detach().double().sum())).encode())
+        digest.update(repr(value).encode())
     return digest.hexdigest()[:16]
 
 
@@ -79,36 +97,67 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Reference:
-    def __init__(self, cfg, model, accelerator):
+    """Built before ``accelerator.prepare`` (the copy and the weights fingerprint need the initial model);
+    ``prepare`` and ``precompute`` run after it, with the prepared policy as the scorer."""
+
+    def __init__(self, cfg, model, accelerator, rebuild=None):
         self.strategy = cfg.reference.strategy
         if self.strategy not in STRATEGIES:
             raise KeyError(f"unknown reference.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         self.cfg = cfg
         self.accelerator = accelerator
         self.copy = None
+        self.weights = None
+        if self.strategy == "precomputed":
+            self.weights = weights_fingerprint(model, accelerator)
         if self.strategy == "frozen_copy":
-            frozen = copy.deepcopy(model).eval()
+            partitioned = any(is_partitioned(p) for p in model.parameters())
+            if partitioned and rebuild is None:
+                raise ValueError("reference.strategy=frozen_copy: the model is sharded at load (ZeRO-3 init) and "
+                                 "cannot be copied; use reference.strategy=precomputed")
+            frozen = (rebuild() if partitioned else copy.deepcopy(model)).eval()
             frozen.requires_grad_(False)
-            self.copy = CausalLMWithLogProbs(frozen, cfg.train.logits_chunk_size).to(accelerator.device)
+            self.copy = CausalLMWithLogProbs(frozen, cfg.train.logits_chunk_size)
+            if zero_stage(accelerator) != 3:
+                self.copy = self.copy.to(accelerator.device)
         if self.strategy == "adapter_disabled" and not cfg.model.lora.enabled:
             raise ValueError("reference.strategy=adapter_disabled needs model.lora.enabled=true")
 
-    def precompute(self, model, datasets: dict, collator) -> dict:
-        """For ``precomputed``: datasets with a ``ref_logps`` column, from the cache when the key matches."""
+    def prepare(self) -> None:
+        """After the policy's ``prepare``: under ZeRO-3 the frozen copy becomes a sharded, optimizer-less engine."""
+        if self.copy is None or zero_stage(self.accelerator) != 3:
+            return
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=self.copy, config=config)
+        engine.eval()
+        self.copy = engine
+        log.info("reference.strategy=frozen_copy: the reference runs sharded (ZeRO-3, no optimizer)")
+
+    def precompute(self, scorer, datasets: dict, collator) -> dict:
+        """For ``precomputed``: datasets with a ``ref_logps`` column, from the cache when the key matches.
+        ``scorer`` is the prepared policy before its first step (under ZeRO-3 every rank must call this)."""
         if self.strategy != "precomputed":
             return datasets
-        scorer = CausalLMWithLogProbs(model, self.cfg.train.logits_chunk_size).to(self.accelerator.device)
         model_key = json.dumps(OmegaConf.to_container(self.cfg.model, resolve=True), sort_keys=True)
-        weights = weights_fingerprint(model)
         out = {}
         for split, ds in datasets.items():
             if ds is None:
                 out[split] = None
                 continue
-            key_text = f"{model_key}|{weights}|{content_fingerprint(ds)}|{collator.kind}"
+            key_text = f"{model_key}|{self.weights}|{content_fingerprint(ds)}|{collator.kind}"
             key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
             path = os.path.join(self.cfg.reference.cache_dir, f"{key}.json")
-            if os.path.exists(path):
+            # every rank takes the same branch (a rank alone in score_dataset would wait for the others forever):
+            # the cache is used only if every rank sees it (nodes may not share a file system)
+            hit = [os.path.exists(path)]
+            if self.accelerator.num_processes > 1:
+                hit = gather_object(hit)
+            if all(hit):
                 with open(path) as handle:
                     values = json.load(handle)
                 log.info("reference log-probs (%s): cache hit %s", split, path)
@@ -120,6 +169,7 @@ class Reference:
                     with open(tmp, "w") as handle:
                         json.dump(values, handle)
                     os.replace(tmp, path)
+                self.accelerator.wait_for_everyone()
                 log.info("reference log-probs (%s): computed %d examples -> %s", split, len(values), path)
             out[split] = ds.add_column("ref_logps", values)
         return out

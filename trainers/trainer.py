@@ -14,7 +14,7 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 
@@ -24,6 +24,7 @@ from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_pe
 from losses import build_loss
 from losses.base import Metric
 from trainers import checkpoint
+from trainers.distributed import build_accelerator, fill_model_keys, init_state
 from trainers.export import export_model
 from trainers.forward import CausalLMWithLogProbs
 from trainers.metrics import MetricAccumulator
@@ -54,13 +55,11 @@ class Trainer:
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
         self.needs = self.loss_set.needs
         self.kind = "pairs" if self.needs.pairs else "sft"
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = init_state()
         self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
         self.output_dir = resolve_output_dir(cfg, state, recipe_name)
-        self.accelerator = acc = Accelerator(
-            mixed_precision=train.mixed_precision, gradient_accumulation_steps=self.accumulation,
-            cpu=not torch.cuda.is_available(), log_with=tracker_names(train) or None, project_dir=self.output_dir,
-        )
+        self.accelerator = acc = build_accelerator(train, state, self.accumulation, self.output_dir,
+                                                   log_with=tracker_names(train) or None)
         set_seed(cfg.seed)
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
@@ -73,19 +72,25 @@ class Trainer:
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
         )
         model = build_model(cfg.model, self.tokenizer, cfg.seed)
-        self.reference = Reference(cfg, model, acc) if self.needs.reference else None
-        if self.reference is not None:
-            datasets = self.reference.precompute(model, {"train": train_ds, "eval": eval_ds}, self.collator)
-            train_ds, eval_ds = datasets["train"], datasets["eval"]
-        self.train_ds, self.eval_ds = train_ds, eval_ds
+        self.reference = None
+        if self.needs.reference:
+            rebuild = lambda: build_model(cfg.model, self.tokenizer, cfg.seed)  # noqa: E731 (ZeRO-3 frozen copy)
+            self.reference = Reference(cfg, model, acc, rebuild=rebuild)
 
         self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
         policy = CausalLMWithLogProbs(model, train.logits_chunk_size)
         optimizer = build_optimizer(policy.parameters(), train)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
+        fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
+        if self.reference is not None:
+            # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model)
+            self.reference.prepare()
+            datasets = self.reference.precompute(self.policy, {"train": train_ds, "eval": eval_ds}, self.collator)
+            train_ds, eval_ds = datasets["train"], datasets["eval"]
+        self.train_ds, self.eval_ds = train_ds, eval_ds
         ordering = cfg.data.get("ordering", "random")
         if ordering not in ORDERINGS:
             raise KeyError(f"unknown data.ordering {ordering!r}; valid: {', '.join(ORDERINGS)}")
