@@ -14,7 +14,7 @@ The LM head has two exact implementations (``target_logps`` picks one):
   into the small [chunk, d] side: grad_hidden = g * (W[y] - P W) and grad_W = (g h)^T onehot - P^T (g h), so no
   [chunk, vocab] gradient tensor is ever formed. A frozen head (LoRA) skips grad_W; tied embeddings get grad_W
   through the shared weight like any other use of it.
-- generic (any other head: a bias, hooks, a DeepSpeed ZeRO-3 partitioned or DTensor weight): each chunk through
+- generic (any other head: a bias, hooks, a trainable ZeRO-3 partitioned or DTensor weight): each chunk through
   the head module and a log-softmax reduction under activation checkpointing (recomputed in the backward).
 """
 
@@ -221,22 +221,46 @@ class _FusedTargetLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def _gathered_frozen_weight(head: nn.Module) -> torch.Tensor | None:
+    """A frozen (e.g. LoRA) bias-free linear head whose weight ZeRO-3 partitions, gathered into a plain local
+    tensor, or None for any other head. The generic path cannot serve it: its activation checkpoint recomputes a
+    chunk in the backward, where DeepSpeed re-gathers only weights that receive gradients. Gathering is a
+    collective; every rank runs the forward in lockstep."""
+    weight = getattr(head, "weight", None)
+    if (type(head) is not nn.Linear or head.bias is not None or weight is None or not hasattr(weight, "ds_id")
+            or weight.requires_grad):
+        return None
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:  # persistent (small) or already gathered by a tied use
+        return weight.detach()
+    with deepspeed.zero.GatheredParameters([weight]):
+        return weight.detach().clone()
+
+
 def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, stats=(),
                  keep_bytes: int = DEFAULT_KEEP_BYTES, fused: bool | None = None):
     """log p(target) for each row of ``hidden`` [N, d], plus the requested token statistics (detached).
 
-    ``fused=None`` uses the fused LM head where ``fused_head_supported(head)``; False forces the generic path.
+    ``fused=None`` uses the fused LM head where ``fused_head_supported(head)`` (or the head is a frozen ZeRO-3
+    one, gathered first); False forces the generic path.
     """
     stats = tuple(stats)
-    if fused is None:
-        fused = fused_head_supported(head)
+    weight = _gathered_frozen_weight(head) if fused is not False else None
+    if weight is not None:
+        fused = True
+    else:
+        weight = getattr(head, "weight", None)
+        if fused is None:
+            fused = fused_head_supported(head)
     if hidden.shape[0] == 0 or not fused:
         joined = _generic_target_logps(head, hidden, targets, chunk_size, stats)
-    elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        joined = _FusedTargetLogps.apply(hidden, head.weight, targets, chunk_size, stats, keep_bytes)
+    elif torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        joined = _FusedTargetLogps.apply(hidden, weight, targets, chunk_size, stats, keep_bytes)
     else:
         with torch.no_grad():
-            joined = _FusedTargetLogps.forward(None, hidden, head.weight, targets, chunk_size, stats, 0)
+            joined = _FusedTargetLogps.forward(None, hidden, weight, targets, chunk_size, stats, 0)
     return joined[0], dict(zip(stats, joined[1:]))
 
 

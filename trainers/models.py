@@ -63,11 +63,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def _tokenizer_location(spec: str) -> tuple[str, dict]:
+    """A tokenizer named by ``model.tokenizer``: a hub id or directory, or a GGUF file (``pkg:file.gguf`` or a
+    path ending in .gguf), whose embedded tokenizer transformers reads offline."""
+    if spec.endswith(".gguf"):
+        path = package_file(spec) if ":" in spec else spec
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    return spec, {}
+
+
 def build_tokenizer(model_cfg):
-    if model_cfg.source == "tiny":
+    """The model's tokenizer; ``model.tokenizer`` overrides it (for ``tiny``: a random-init Llama over a real
+    vocabulary, e.g. SmolLM2's 49152 ids for benchmarks)."""
+    override = model_cfg.get("tokenizer")
+    if model_cfg.source == "tiny" and not override:
         return tiny_tokenizer()
-    path, kwargs = _location(model_cfg)
-    tok = AutoTokenizer.from_pretrained(model_cfg.get("tokenizer") or path, **kwargs)
+    path, kwargs = _tokenizer_location(override) if override else _location(model_cfg)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token is None:  # padding positions are masked by layout, never by token id, so any id works
         tok.pad_token = tok.eos_token
     return tok
@@ -91,7 +103,8 @@ def build_model(model_cfg, tokenizer, seed: int):
         t = model_cfg.tiny
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads, intermediate_size=t.intermediate_size,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.get("num_kv_heads") or t.num_heads, intermediate_size=t.intermediate_size,
             max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, attn_implementation=attn,
