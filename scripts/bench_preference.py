@@ -10,6 +10,7 @@ responses of 10-100 words from a seeded RNG (the same rows for every run); AdamW
 gradient clipping at 1.0. Runs (each in its own subprocess, so peak RSS is per framework):
 
 - ``ours-dpo``: tunelab's Trainer, recipe=dpo, reference.strategy=precomputed (packed rows, shared prompt).
+- ``ours-dpo-live-ref``: the same with reference.strategy=frozen_copy (a reference forward every step, as TRL).
 - ``trl-dpo``: TRL's DPOTrainer with its default live reference model.
 - ``trl-dpo-precomputed``: the same with ``precompute_ref_log_probs=True``.
 - ``ours-simpo``: tunelab's Trainer, recipe=simpo.
@@ -32,15 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as bc  # noqa: E402
 
-RUNS = ("ours-dpo", "trl-dpo", "trl-dpo-precomputed", "ours-simpo", "trl-simpo")
-BASELINES = {"ours-dpo": "trl-dpo", "trl-dpo-precomputed": "trl-dpo", "ours-simpo": "trl-simpo"}
+RUNS = ("ours-dpo", "ours-dpo-live-ref", "trl-dpo", "trl-dpo-precomputed", "ours-simpo", "trl-simpo")
 PAIRS_PER_STEP = 8
 LR = 1e-4
 BETA_DPO = 0.1
 BETA_SIMPO, GAMMA_BETA_RATIO = 2.0, 0.25
 
 
-def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int) -> list[str]:
+def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, reference: str = "precomputed") -> list[str]:
     chunk = [f"train.logits_chunk_size={args.chunk_size}"] if args.chunk_size else []
     loss_args = ([f"loss.dpo.beta={BETA_DPO}"] if loss == "dpo" else
                  [f"loss.simpo.beta={BETA_SIMPO}", f"loss.simpo.gamma_beta_ratio={GAMMA_BETA_RATIO}"])
@@ -52,7 +52,7 @@ def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int) -> list
         f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={LR}", "train.scheduler=constant",
         "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "train.progress_bar=false",
         "train.plot=false", "train.eval_every=0", "train.log_every=100000", "train.save_every=100000",
-        "reference.strategy=precomputed", f"reference.cache_dir={tmp}/ref", f"output_dir={tmp}/out",
+        f"reference.strategy={reference}", f"reference.cache_dir={tmp}/ref", f"output_dir={tmp}/out",
         "export.enabled=false",
     ]
 
@@ -63,14 +63,14 @@ def make_data(args, tmp: str) -> str:
 
 
 # ---- children ---------------------------------------------------------------------------------------------------
-def child_ours(args, loss: str) -> dict:
+def child_ours(args, loss: str, reference: str = "precomputed") -> dict:
     import torch
 
     from trainers.metrics import MetricAccumulator
 
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_pref_")
-    cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps))
+    cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps, reference))
     trainer = bc.build_our_trainer(cfg)
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
@@ -129,7 +129,10 @@ def child_trl_dpo(args, precompute: bool) -> dict:
         max_length=None, beta=BETA_DPO, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
         seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
     )
-    trainer = Recorded(model=model, args=config, train_dataset=ds, processing_class=tokenizer)
+    # a live reference is the initial model; TRL would reload it from the policy's config path, which a model
+    # built in code does not have
+    reference = None if precompute else copy.deepcopy(model).eval()
+    trainer = Recorded(model=model, ref_model=reference, args=config, train_dataset=ds, processing_class=tokenizer)
     times, marks = [], {}
     trainer.add_callback(bc.step_timer(times, marks))
     trainer.train()
@@ -251,6 +254,7 @@ def child_main(args) -> None:
         return
     name = args.child
     report = {"ours-dpo": lambda: child_ours(args, "dpo"), "ours-simpo": lambda: child_ours(args, "simpo"),
+              "ours-dpo-live-ref": lambda: child_ours(args, "dpo", "frozen_copy"),
               "trl-dpo": lambda: child_trl_dpo(args, False), "trl-dpo-precomputed": lambda: child_trl_dpo(args, True),
               "trl-simpo": lambda: child_trl_simpo(args)}[name]()
     bc.child_report(args.json, name=name, **report)
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
     rows = {r["name"]: bc.summarize(r, dims, peak) for r in reports}
     lines = [f"Preference benchmark: {machine}; {args.warmup} warm-up + {args.steps} measured steps, "
              f"{PAIRS_PER_STEP} pairs/step; {bc.dims_line(dims)}", ""]
-    for loss, members in (("DPO (sigmoid)", ("trl-dpo", "trl-dpo-precomputed", "ours-dpo")),
+    for loss, members in (("DPO (sigmoid)", ("trl-dpo", "trl-dpo-precomputed", "ours-dpo-live-ref", "ours-dpo")),
                           ("SimPO", ("trl-simpo", "ours-simpo"))):
         present = [rows[m] for m in members if m in rows]
         if present:
