@@ -1,9 +1,10 @@
 """Multi-process training on CPU (gloo) through the normal entry point, ``accelerate launch ... train.py``.
 
 DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the shipped launch configs, fp32 on CPU) train two processes, save, resume
-and export; they agree with each other; a ZeRO-3 checkpoint resumes on another number of processes through
-DeepSpeed's universal format; two one-process "machines" on 127.0.0.1 train exactly like one two-process run;
-and a ZeRO-3 DPO run with a sharded frozen reference, LoRA and gradient checkpointing starts at log 2.
+and export; they agree with each other and with one process running the same global batch; a ZeRO-3
+checkpoint resumes on another number of processes through DeepSpeed's universal format; two one-process
+"machines" on 127.0.0.1 train exactly like one two-process run; and a ZeRO-3 DPO run with a sharded frozen
+reference, LoRA and gradient checkpointing starts at log 2.
 """
 
 from __future__ import annotations
@@ -128,6 +129,21 @@ def test_zero3_checkpoint_resumes_on_one_process_through_the_universal_format(ru
     assert sorted(again) == [3, 4]
     for step in (3, 4):  # the same global batch of 16, now one micro-batch on one process
         assert again[step] == pytest.approx(first[step], abs=1e-4), step
+
+
+def test_two_processes_reach_the_losses_of_one_process_with_the_same_global_batch(runs, tmp_path):
+    """1 process x micro 16 and 2 processes x micro 8 see the same 16 examples a step: same losses (1e-5)."""
+    out = tmp_path / "single"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"output_dir={out}", *FAST,
+                           "train.micro_batch_size=16", "export.enabled=false"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    single, double = losses(out), losses(runs["ddp"])
+    assert sorted(single) == sorted(double)
+    for step, value in double.items():
+        assert single[step] == pytest.approx(value, abs=1e-5), step
+    for step, value in losses(runs["ddp"], "eval").items():
+        assert losses(out, "eval")[step] == pytest.approx(value, abs=1e-5), step
 
 
 def test_two_machines_of_one_process_equal_one_two_process_run(runs, tmp_path):
