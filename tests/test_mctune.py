@@ -437,3 +437,25 @@ def test_evaluation_tolerance_and_quantised():
     assert r["zero_one_score"] == 0.5
     assert r["per_tag"]["fkre"] == pytest.approx({"n": 2, "accuracy": 0.5, "mae": 1.0, "mse": 2.0})
     assert math.isclose(r["strictly_followed"], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def test_mctune_recipes_compose_with_the_paper_numbers():
+    from conftest import make_cfg
+
+    demo = make_cfg(["recipe=mctune"], fast=False)
+    assert demo.model.source == "tiny" and demo.loss == {"ntp": {}}
+    assert demo.data.sources[0].path == "bundled:varied_instructions" and demo.data.sources[0].format == "alpaca"
+    assert [dict(s) for s in demo.data.stages] == [{"name": "mctune", "max_num_tags": 5, "quantize": "none"}]
+
+    paper = make_cfg(["recipe=mctune_llama2_7b_alpaca_gpt4"], fast=False)  # METHODS.md section 8
+    assert (paper.model.source, paper.model.name_or_path) == ("hf", "meta-llama/Llama-2-7b-hf")
+    assert paper.data.sources[0].path == "vicgalle/alpaca-gpt4" and paper.data.sources[0].format == "alpaca"
+    assert paper.data.template == "alpaca" and paper.data.max_length == 1024
+    assert [dict(s) for s in paper.data.stages] == [{"name": "mctune", "max_num_tags": 5, "quantize": "none"}]
+    t = paper.train
+    assert (t.epochs, t.max_steps, t.global_batch_size, t.lr) == (5, None, 128, 2e-5)
+    assert (t.scheduler, t.warmup_steps, t.weight_decay, t.mixed_precision) == ("linear", 100, 0.0, "bf16")
+    assert paper.loss == {"ntp": {}}
