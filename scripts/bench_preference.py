@@ -10,6 +10,8 @@ responses of 10-100 words from a seeded RNG (the same rows for every run); AdamW
 gradient clipping at 1.0. Runs (each in its own subprocess, so peak RSS is per framework):
 
 - ``ours-dpo``: tunelab's Trainer, recipe=dpo, reference.strategy=precomputed (packed rows, shared prompt).
+- ``ours-dpo-lean``: ``ours-dpo`` with train.logits_keep_mb=0 (LM-head softmax recomputed in the backward, not kept).
+- ``ours-dpo-unshared``: ``ours-dpo`` with data.shared_prompt=false (the prompt computed twice, once per response).
 - ``ours-dpo-live-ref``: the same with reference.strategy=frozen_copy (a reference forward every step, as TRL).
 - ``trl-dpo``: TRL's DPOTrainer with its default live reference model.
 - ``trl-dpo-precomputed``: the same with ``precompute_ref_log_probs=True``.
@@ -33,14 +35,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as bc  # noqa: E402
 
-RUNS = ("ours-dpo", "ours-dpo-live-ref", "trl-dpo", "trl-dpo-precomputed", "ours-simpo", "trl-simpo")
+RUNS = ("ours-dpo", "ours-dpo-lean", "ours-dpo-unshared", "ours-dpo-live-ref", "trl-dpo", "trl-dpo-precomputed",
+        "ours-simpo", "trl-simpo")
 PAIRS_PER_STEP = 8
 LR = 1e-4
 BETA_DPO = 0.1
 BETA_SIMPO, GAMMA_BETA_RATIO = 2.0, 0.25
 
 
-def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, reference: str = "precomputed") -> list[str]:
+def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, reference: str = "precomputed",
+                  extra: tuple[str, ...] = ()) -> list[str]:
     chunk = [f"train.logits_chunk_size={args.chunk_size}"] if args.chunk_size else []
     loss_args = ([f"loss.dpo.beta={BETA_DPO}"] if loss == "dpo" else
                  [f"loss.simpo.beta={BETA_SIMPO}", f"loss.simpo.gamma_beta_ratio={GAMMA_BETA_RATIO}"])
@@ -53,7 +57,7 @@ def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, referen
         "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "train.progress_bar=false",
         "train.plot=false", "train.eval_every=0", "train.log_every=100000", "train.save_every=100000",
         f"reference.strategy={reference}", f"reference.cache_dir={tmp}/ref", f"output_dir={tmp}/out",
-        "export.enabled=false",
+        "export.enabled=false", *extra,
     ]
 
 
@@ -63,14 +67,15 @@ def make_data(args, tmp: str) -> str:
 
 
 # ---- children ---------------------------------------------------------------------------------------------------
-def child_ours(args, loss: str, reference: str = "precomputed") -> dict:
+def child_ours(args, loss: str, reference: str = "precomputed", extra: tuple[str, ...] = ()) -> dict:
     import torch
 
     from trainers.metrics import MetricAccumulator
 
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_pref_")
-    cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps, reference))
+    cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps, reference,
+                                       extra))
     trainer = bc.build_our_trainer(cfg)
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
@@ -254,6 +259,8 @@ def child_main(args) -> None:
         return
     name = args.child
     report = {"ours-dpo": lambda: child_ours(args, "dpo"), "ours-simpo": lambda: child_ours(args, "simpo"),
+              "ours-dpo-lean": lambda: child_ours(args, "dpo", extra=("train.logits_keep_mb=0",)),
+              "ours-dpo-unshared": lambda: child_ours(args, "dpo", extra=("data.shared_prompt=false",)),
               "ours-dpo-live-ref": lambda: child_ours(args, "dpo", "frozen_copy"),
               "trl-dpo": lambda: child_trl_dpo(args, False), "trl-dpo-precomputed": lambda: child_trl_dpo(args, True),
               "trl-simpo": lambda: child_trl_simpo(args)}[name]()
@@ -275,8 +282,10 @@ def main(argv=None) -> int:
     rows = {r["name"]: bc.summarize(r, dims, peak) for r in reports}
     lines = [f"Preference benchmark: {machine}; {args.warmup} warm-up + {args.steps} measured steps, "
              f"{PAIRS_PER_STEP} pairs/step; {bc.dims_line(dims)}", ""]
-    for loss, members in (("DPO (sigmoid)", ("trl-dpo", "trl-dpo-precomputed", "ours-dpo-live-ref", "ours-dpo")),
-                          ("SimPO", ("trl-simpo", "ours-simpo"))):
+    tables = (("DPO (sigmoid)", ("trl-dpo", "trl-dpo-precomputed", "ours-dpo-live-ref", "ours-dpo-unshared",
+                                "ours-dpo", "ours-dpo-lean")),
+              ("SimPO", ("trl-simpo", "ours-simpo")))
+    for loss, members in tables:
         present = [rows[m] for m in members if m in rows]
         if present:
             lines += [f"### {loss}", "", bc.markdown_table(present, baseline=members[0]), ""]
