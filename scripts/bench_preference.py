@@ -12,10 +12,12 @@ gradient clipping at 1.0. Runs (each in its own subprocess, so peak RSS is per f
 - ``ours-dpo``: tunelab's Trainer, recipe=dpo, reference.strategy=precomputed (packed rows, shared prompt).
 - ``ours-dpo-lean``: ``ours-dpo`` with train.logits_keep_mb=0 (LM-head softmax recomputed in the backward, not kept).
 - ``ours-dpo-unshared``: ``ours-dpo`` with data.shared_prompt=false (the prompt computed twice, once per response).
+- ``ours-dpo-dense-attn``: ``ours-dpo`` with model.attn_implementation=sdpa (dense masked attention, not tiled).
 - ``ours-dpo-live-ref``: the same with reference.strategy=frozen_copy (a reference forward every step, as TRL).
 - ``trl-dpo``: TRL's DPOTrainer with its default live reference model.
 - ``trl-dpo-precomputed``: the same with ``precompute_ref_log_probs=True``.
 - ``ours-simpo``: tunelab's Trainer, recipe=simpo.
+- ``ours-simpo-lean``: ``ours-simpo`` with train.logits_keep_mb=0.
 - ``trl-simpo``: TRL's CPOTrainer (trl.experimental.cpo) with loss_type="simpo", cpo_alpha=0.
 
 Before the timed runs, ``--check-steps`` steps of our Trainer are replayed by a naive implementation of the same
@@ -35,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as bc  # noqa: E402
 
-RUNS = ("ours-dpo", "ours-dpo-lean", "ours-dpo-unshared", "ours-dpo-live-ref", "trl-dpo", "trl-dpo-precomputed",
-        "ours-simpo", "trl-simpo")
+RUNS = ("ours-dpo", "ours-dpo-lean", "ours-dpo-unshared", "ours-dpo-dense-attn", "ours-dpo-live-ref", "trl-dpo",
+        "trl-dpo-precomputed", "ours-simpo", "ours-simpo-lean", "trl-simpo")
 PAIRS_PER_STEP = 8
 LR = 1e-4
 BETA_DPO = 0.1
@@ -261,7 +263,9 @@ def child_main(args) -> None:
     report = {"ours-dpo": lambda: child_ours(args, "dpo"), "ours-simpo": lambda: child_ours(args, "simpo"),
               "ours-dpo-lean": lambda: child_ours(args, "dpo", extra=("train.logits_keep_mb=0",)),
               "ours-dpo-unshared": lambda: child_ours(args, "dpo", extra=("data.shared_prompt=false",)),
+              "ours-dpo-dense-attn": lambda: child_ours(args, "dpo", extra=("model.attn_implementation=sdpa",)),
               "ours-dpo-live-ref": lambda: child_ours(args, "dpo", "frozen_copy"),
+              "ours-simpo-lean": lambda: child_ours(args, "simpo", extra=("train.logits_keep_mb=0",)),
               "trl-dpo": lambda: child_trl_dpo(args, False), "trl-dpo-precomputed": lambda: child_trl_dpo(args, True),
               "trl-simpo": lambda: child_trl_simpo(args)}[name]()
     bc.child_report(args.json, name=name, **report)
@@ -273,18 +277,18 @@ def main(argv=None) -> int:
         child_main(args)
         return 0
     script = os.path.abspath(__file__)
-    machine, peak = bc.measure_machine()
+    machine = bc.MachinePeak()
     runs = [r for r in args.runs.split(",") if r]
     checks = [bc.run_child([script, "--check", loss, *bc.forward_args(args)])
               for loss in ("dpo", "simpo") if args.check_steps and any(loss in r for r in runs)]
     reports = [bc.run_child([script, "--child", run, *bc.forward_args(args)]) for run in runs]
-    dims = bc.dims_of(reports, args.small)
+    dims, peak = bc.dims_of(reports, args.small), machine.remeasure()
     rows = {r["name"]: bc.summarize(r, dims, peak) for r in reports}
-    lines = [f"Preference benchmark: {machine}; {args.warmup} warm-up + {args.steps} measured steps, "
+    lines = [f"Preference benchmark: {machine.line()}; {args.warmup} warm-up + {args.steps} measured steps, "
              f"{PAIRS_PER_STEP} pairs/step; {bc.dims_line(dims)}", ""]
     tables = (("DPO (sigmoid)", ("trl-dpo", "trl-dpo-precomputed", "ours-dpo-live-ref", "ours-dpo-unshared",
-                                "ours-dpo", "ours-dpo-lean")),
-              ("SimPO", ("trl-simpo", "ours-simpo")))
+                                "ours-dpo-dense-attn", "ours-dpo", "ours-dpo-lean")),
+              ("SimPO", ("trl-simpo", "ours-simpo", "ours-simpo-lean")))
     for loss, members in tables:
         present = [rows[m] for m in members if m in rows]
         if present:

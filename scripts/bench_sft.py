@@ -12,6 +12,7 @@ subprocess, so peak RSS is per framework):
 
 - ``ours-sft``: tunelab's Trainer, recipe=sft (packed rows with per-document attention, chunked fused LM head).
 - ``ours-sft-padded``: the same with ``data.packing=false`` (one right-padded row per example).
+- ``ours-sft-dense-attn``: ``ours-sft`` with model.attn_implementation=sdpa (dense masked attention, not tiled).
 - ``trl-sft``: TRL's SFTTrainer, padded batches.
 - ``trl-sft-packing``: TRL's SFTTrainer with ``packing=True`` (its padding-free BFD packing).
 
@@ -32,12 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common as bc  # noqa: E402
 
-RUNS = ("ours-sft", "ours-sft-padded", "trl-sft", "trl-sft-packing")
+RUNS = ("ours-sft", "ours-sft-padded", "ours-sft-dense-attn", "trl-sft", "trl-sft-packing")
 ROWS_PER_STEP = 16
 LR = 1e-4
 
 
-def our_overrides(args, data_path: str, tmp: str, steps: int, packing: bool = True) -> list[str]:
+def our_overrides(args, data_path: str, tmp: str, steps: int, packing: bool = True,
+                  extra: tuple[str, ...] = ()) -> list[str]:
     chunk = [f"train.logits_chunk_size={args.chunk_size}"] if args.chunk_size else []
     return [
         "recipe=sft", *bc.model_overrides(args.small), *chunk,
@@ -47,7 +49,7 @@ def our_overrides(args, data_path: str, tmp: str, steps: int, packing: bool = Tr
         f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={LR}", "train.scheduler=constant",
         "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "train.progress_bar=false",
         "train.plot=false", "train.eval_every=0", "train.log_every=100000", "train.save_every=100000",
-        f"output_dir={tmp}/out", "export.enabled=false",
+        f"output_dir={tmp}/out", "export.enabled=false", *extra,
     ]
 
 
@@ -57,14 +59,15 @@ def make_data(args, tmp: str) -> str:
 
 
 # ---- children ---------------------------------------------------------------------------------------------------
-def child_ours(args, packing: bool) -> dict:
+def child_ours(args, packing: bool, extra: tuple[str, ...] = ()) -> dict:
     import torch
 
     from trainers.metrics import MetricAccumulator
 
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
-    cfg = bc.compose_cfg(our_overrides(args, make_data(args, tmp), tmp, args.warmup + args.steps, packing))
+    cfg = bc.compose_cfg(our_overrides(args, make_data(args, tmp), tmp, args.warmup + args.steps, packing,
+                                       extra))
     trainer = bc.build_our_trainer(cfg)
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
@@ -194,6 +197,7 @@ def child_main(args) -> None:
         bc.child_report(args.json, name="check-ntp", **check_losses(args))
         return
     report = {"ours-sft": lambda: child_ours(args, True), "ours-sft-padded": lambda: child_ours(args, False),
+              "ours-sft-dense-attn": lambda: child_ours(args, True, ("model.attn_implementation=sdpa",)),
               "trl-sft": lambda: child_trl(args, False), "trl-sft-packing": lambda: child_trl(args, True)}[args.child]()
     bc.child_report(args.json, name=args.child, **report)
 
@@ -204,14 +208,15 @@ def main(argv=None) -> int:
         child_main(args)
         return 0
     script = os.path.abspath(__file__)
-    machine, peak = bc.measure_machine()
+    machine = bc.MachinePeak()
     runs = [r for r in args.runs.split(",") if r]
     checks = [bc.run_child([script, "--check", "ntp", *bc.forward_args(args)])] if args.check_steps else []
     reports = [bc.run_child([script, "--child", run, *bc.forward_args(args)]) for run in runs]
-    dims = bc.dims_of(reports, args.small)
+    dims, peak = bc.dims_of(reports, args.small), machine.remeasure()
     rows = {r["name"]: bc.summarize(r, dims, peak) for r in reports}
-    present = [rows[m] for m in ("trl-sft", "trl-sft-packing", "ours-sft-padded", "ours-sft") if m in rows]
-    lines = [f"SFT benchmark: {machine}; {args.warmup} warm-up + {args.steps} measured steps, {ROWS_PER_STEP} "
+    order = ("trl-sft", "trl-sft-packing", "ours-sft-dense-attn", "ours-sft-padded", "ours-sft")
+    present = [rows[m] for m in order if m in rows]
+    lines = [f"SFT benchmark: {machine.line()}; {args.warmup} warm-up + {args.steps} measured steps, {ROWS_PER_STEP} "
              f"rows/step; {bc.dims_line(dims)}", "", bc.markdown_table(present, baseline="trl-sft"), ""]
     lines += bc.check_lines(checks) + bc.run_lines(reports, rows)
     return bc.finish(lines, args, checks)

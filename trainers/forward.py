@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
+from trainers.attention import DEFAULT_TILE, TILED_SDPA, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
 DEFAULT_KEEP_BYTES = 256 * 2 ** 20
@@ -265,20 +266,25 @@ def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 class CausalLMWithLogProbs(nn.Module):
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, keep_bytes: int = DEFAULT_KEEP_BYTES):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, keep_bytes: int = DEFAULT_KEEP_BYTES,
+                 attention_tile: int = DEFAULT_TILE):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.keep_bytes = keep_bytes
+        self.attention_tile = attention_tile
 
     def forward(self, batch: dict, needs: Needs) -> ForwardOutputs:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
+        mask = batch["attention_mask"]
+        tiled = getattr(self.model.config, "_attn_implementation", None) == TILED_SDPA
         hidden = body(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=mask,
             use_cache=False,
+            **({"attention_tiles": query_tiles(mask, self.attention_tile)} if tiled else {}),
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
         targets = batch["target_ids"]

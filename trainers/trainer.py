@@ -79,7 +79,8 @@ class Trainer:
 
         self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
-        policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20))
+        policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20),
+                                      attention_tile=train.attention_tile)
         optimizer = build_optimizer(policy.parameters(), train)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
         fill_model_keys(acc, model)
