@@ -103,3 +103,21 @@ def test_attention_that_cannot_take_the_document_mask_is_refused_by_name():
     cfg.attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="model.attn_implementation='flash_attention_2'.*tiled_sdpa, sdpa, eager"):
         build_model(cfg, tiny_tokenizer(), seed=0)
+
+
+def test_tiles_reach_the_attention_under_gradient_checkpointing(monkeypatch):
+    dense, tiled = model_pair(2)
+    calls = []
+    sdpa = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    batch = batches()[1]
+    grads = []
+    for model in (dense, tiled):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(batch, Needs()).seq_logps.sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    n_tiles = len(query_tiles(batch["attention_mask"], 4))
+    assert len(calls) == 2 * 2 * n_tiles  # two layers, forward and the checkpointed recompute
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
