@@ -12,7 +12,14 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 import trainers.attention  # noqa: F401  (registers attn_implementation="tiled_sdpa")
 
@@ -124,6 +131,10 @@ def build_model(model_cfg, tokenizer, seed: int):
         model = LlamaForCausalLM(config).to(dtype)
     else:
         path, kwargs = _location(model_cfg)
+        if model_cfg.source == "gguf":
+            # Unpacked into plain float weights: training needs them, and transformers will not save a model it
+            # still marks as GGUF-quantized (without this the export fails).
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
         if model_cfg.get("load_in_4bit"):
             from transformers import BitsAndBytesConfig
 
