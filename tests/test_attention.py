@@ -121,3 +121,17 @@ def test_tiles_reach_the_attention_under_gradient_checkpointing(monkeypatch):
     assert len(calls) == 2 * 2 * n_tiles  # two layers, forward and the checkpointed recompute
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_attention_gets_the_layout_mask_in_its_additive_form():
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64)
+    dense = LlamaForCausalLM(LlamaConfig(attn_implementation="sdpa", **kwargs))
+    eager = LlamaForCausalLM(LlamaConfig(attn_implementation="eager", **kwargs))
+    eager.load_state_dict(dense.state_dict())
+    for batch in batches():  # a boolean mask added to the scores would shift them by 0/1 instead of hiding keys
+        with torch.no_grad():
+            expected = CausalLMWithLogProbs(dense, chunk_size=7)(batch, Needs()).token_logps
+            got = CausalLMWithLogProbs(eager, chunk_size=7)(batch, Needs()).token_logps
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

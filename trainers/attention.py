@@ -10,7 +10,8 @@ passed down to every layer as the ``attention_tiles`` keyword, which transformer
 function. Measured in docs/benchmarks.md (CPU: attention 2.4-2.7x faster fwd+bwd at L~1024).
 
 Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any
-call it cannot tile (no 4D mask, decoding with a cache, no tiles given) runs plain SDPA.
+call it cannot tile (no 4D mask, decoding with a cache, no tiles given) runs plain SDPA. ``layout_mask`` gives
+the other implementations the layout's mask in the form each takes (eager adds it to the scores).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def query_tiles(mask: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[int,
         mask[:, 0, q0:q0 + tile].any(1).int().argmax(-1).min() for q0 in starts
     ]).tolist()  # one device sync for all tiles
     return [(q0, min(q0 + tile, length), k0) for q0, k0 in zip(starts, first_keys)]
+
+
+def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The layout's boolean mask as ``implementation`` takes it: SDPA (tiled or not) takes booleans; eager adds
+    the mask to the scores, so it gets 0 where attention is allowed and the dtype's minimum elsewhere."""
+    if implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, **kwargs):

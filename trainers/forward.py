@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
-from trainers.attention import DEFAULT_TILE, TILED_SDPA, query_tiles
+from trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
 DEFAULT_KEEP_BYTES = 256 * 2 ** 20
@@ -277,8 +277,9 @@ class CausalLMWithLogProbs(nn.Module):
     def forward(self, batch: dict, needs: Needs) -> ForwardOutputs:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        mask = batch["attention_mask"]
-        tiled = getattr(self.model.config, "_attn_implementation", None) == TILED_SDPA
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        mask = layout_mask(batch["attention_mask"], implementation, self.model.get_input_embeddings().weight.dtype)
+        tiled = implementation == TILED_SDPA
         hidden = body(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
