@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import trainers.attention  # noqa: F401  (registers attn_implementation="tiled_sdpa")
+from trainers.attention import LAYOUT_ATTENTION  # importing it registers attn_implementation="tiled_sdpa"
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,6 @@ def _location(model_cfg) -> tuple[str, dict]:
     if not model_cfg.get("name_or_path"):
         raise ValueError("model.source=hf needs model.name_or_path (a hub id or a local directory)")
     return model_cfg.name_or_path, {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
-
-
-# The packed layout (data/collate.py) hands the model a [rows, 1, L, L] document mask; these take it as is.
-LAYOUT_ATTENTION = ("tiled_sdpa", "sdpa", "eager")
 
 
 def build_model(model_cfg, tokenizer, seed: int):
