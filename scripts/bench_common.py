@@ -260,11 +260,6 @@ def markdown_table(rows: list[dict], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def machine_line(peak: float, threads: int, load: float) -> str:
-    return (f"matmul peak {peak:.1f} GFLOP/s (2048x2048 fp32, torch.set_num_threads({threads}), best of 3 s loops "
-            f"before and after the runs); {os.cpu_count()} CPUs; load average at start {load:.2f}")
-
-
 # ---- the parent process -----------------------------------------------------------------------------------------
 def parse_args(doc: str, runs, argv=None):
     import argparse
@@ -314,7 +309,9 @@ class MachinePeak:
         return self.peak
 
     def line(self) -> str:
-        return machine_line(self.peak, self.threads, self.load)
+        return (f"matmul peak {self.peak:.1f} GFLOP/s (2048x2048 fp32, torch.set_num_threads({self.threads}), best "
+                f"of 3 s loops before and after the runs); {os.cpu_count()} CPUs; load average at start "
+                f"{self.load:.2f}")
 
 
 def step_timer(times: list, marks: dict):
