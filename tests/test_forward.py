@@ -120,6 +120,22 @@ def test_unsupported_heads_take_the_generic_path():
     torch.testing.assert_close(logps.double(), ref.detach(), rtol=0, atol=TOL)
 
 
+def test_block_pool_keeps_only_blocks_a_call_can_use():
+    """Idle pooled blocks are resident memory: a need that no free block fits releases the smaller ones, and a
+    smaller need reuses a larger block instead of allocating."""
+    pool, cpu = fwd._BlockPool(), torch.device("cpu")
+    pool.give(pool.take(10, 8, cpu))
+    large = pool.take(20, 8, cpu)
+    pool.give(large)
+    assert [b.numel() for b in pool.free] == [160]  # the 80-element block was released, not kept beside it
+    small = pool.take(5, 8, cpu)
+    assert small.shape == (5, 8) and small.data_ptr() == large.data_ptr() and not pool.free
+    second = pool.take(5, 8, cpu)  # two blocks in use at once (kept probabilities and a chunk buffer)
+    pool.give(small)
+    pool.give(second)
+    assert sorted(b.numel() for b in pool.free) == [40, 160]
+
+
 def _model(tied: bool) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
