@@ -10,14 +10,15 @@ responses of 10-100 words from a seeded RNG (the same rows for every run); AdamW
 gradient clipping at 1.0. Runs (each in its own subprocess, so peak RSS is per framework):
 
 - ``ours-dpo``: tunelab's Trainer, recipe=dpo, reference.strategy=precomputed (packed rows, shared prompt).
-- ``ours-dpo-lean``: ``ours-dpo`` with train.logits_keep_mb=0 (LM-head softmax recomputed in the backward, not kept).
+- ``ours-dpo-lean``: ``ours-dpo`` at its least memory: train.logits_keep_mb=0 train.logits_chunk_size=128 (the
+  LM-head softmax recomputed in the backward, not kept, over chunks of 128 labelled positions).
 - ``ours-dpo-unshared``: ``ours-dpo`` with data.shared_prompt=false (the prompt computed twice, once per response).
 - ``ours-dpo-dense-attn``: ``ours-dpo`` with model.attn_implementation=sdpa (dense masked attention, not tiled).
 - ``ours-dpo-live-ref``: the same with reference.strategy=frozen_copy (a reference forward every step, as TRL).
 - ``trl-dpo``: TRL's DPOTrainer with its default live reference model.
 - ``trl-dpo-precomputed``: the same with ``precompute_ref_log_probs=True``.
 - ``ours-simpo``: tunelab's Trainer, recipe=simpo.
-- ``ours-simpo-lean``: ``ours-simpo`` with train.logits_keep_mb=0.
+- ``ours-simpo-lean``: ``ours-simpo`` with the lean settings of ``ours-dpo-lean``.
 - ``trl-simpo``: TRL's CPOTrainer (trl.experimental.cpo) with loss_type="simpo", cpo_alpha=0.
 
 Before the timed runs, ``--check-steps`` steps of our Trainer are replayed by a naive implementation of the same
@@ -43,6 +44,7 @@ PAIRS_PER_STEP = 8
 LR = 1e-4
 BETA_DPO = 0.1
 BETA_SIMPO, GAMMA_BETA_RATIO = 2.0, 0.25
+LEAN = ("train.logits_keep_mb=0", "train.logits_chunk_size=128")
 
 
 def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, reference: str = "precomputed",
@@ -261,11 +263,11 @@ def child_main(args) -> None:
         return
     name = args.child
     report = {"ours-dpo": lambda: child_ours(args, "dpo"), "ours-simpo": lambda: child_ours(args, "simpo"),
-              "ours-dpo-lean": lambda: child_ours(args, "dpo", extra=("train.logits_keep_mb=0",)),
+              "ours-dpo-lean": lambda: child_ours(args, "dpo", extra=LEAN),
               "ours-dpo-unshared": lambda: child_ours(args, "dpo", extra=("data.shared_prompt=false",)),
               "ours-dpo-dense-attn": lambda: child_ours(args, "dpo", extra=("model.attn_implementation=sdpa",)),
               "ours-dpo-live-ref": lambda: child_ours(args, "dpo", "frozen_copy"),
-              "ours-simpo-lean": lambda: child_ours(args, "simpo", extra=("train.logits_keep_mb=0",)),
+              "ours-simpo-lean": lambda: child_ours(args, "simpo", extra=LEAN),
               "trl-dpo": lambda: child_trl_dpo(args, False), "trl-dpo-precomputed": lambda: child_trl_dpo(args, True),
               "trl-simpo": lambda: child_trl_simpo(args)}[name]()
     bc.child_report(args.json, name=name, **report)
