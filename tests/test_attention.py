@@ -24,14 +24,15 @@ def test_query_tiles_start_at_the_first_key_any_query_of_the_tile_sees():
     assert query_tiles(mask, 5) == [(0, 5, 0), (5, 10, 3), (10, 12, 10)]  # last tile: padding sees itself
 
 
-def model_pair(num_kv_heads):
+def model_pair(num_kv_heads, other="tiled_sdpa"):
+    """The same weights under dense SDPA and under the ``other`` attention implementation."""
     torch.manual_seed(0)
     kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=num_kv_heads, intermediate_size=64)
     dense = LlamaForCausalLM(LlamaConfig(attn_implementation="sdpa", **kwargs))
-    tiled = LlamaForCausalLM(LlamaConfig(attn_implementation="tiled_sdpa", **kwargs))
-    tiled.load_state_dict(dense.state_dict())
-    return dense, tiled
+    twin = LlamaForCausalLM(LlamaConfig(attn_implementation=other, **kwargs))
+    twin.load_state_dict(dense.state_dict())
+    return dense, twin
 
 
 def batches():
@@ -124,12 +125,7 @@ def test_tiles_reach_the_attention_under_gradient_checkpointing(monkeypatch):
 
 
 def test_eager_attention_gets_the_layout_mask_in_its_additive_form():
-    torch.manual_seed(0)
-    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64)
-    dense = LlamaForCausalLM(LlamaConfig(attn_implementation="sdpa", **kwargs))
-    eager = LlamaForCausalLM(LlamaConfig(attn_implementation="eager", **kwargs))
-    eager.load_state_dict(dense.state_dict())
+    dense, eager = model_pair(2, "eager")
     for batch in batches():  # a boolean mask added to the scores would shift them by 0/1 instead of hiding keys
         with torch.no_grad():
             expected = CausalLMWithLogProbs(dense, chunk_size=7)(batch, Needs()).token_logps
