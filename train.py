@@ -5,6 +5,7 @@ import logging
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from trainers.distributed import end_process_group
 from trainers.trainer import Trainer
 
 
@@ -15,6 +16,7 @@ def main(cfg) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
     Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -67,12 +67,13 @@ def exported_state(out) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 4-step two-process run per launch config (checkpoints at steps 2 and 4, export at the end)."""
+    """One 4-step two-process run per launch config (checkpoints at steps 2 and 4, TensorBoard on, export at the
+    end: finishing the tracker must leave the process group to the export)."""
     root = tmp_path_factory.mktemp("distributed")
     out = {}
     for config in ("ddp", "zero2", "zero3"):
         out[config] = root / config
-        log = train(config, out[config])
+        log = train(config, out[config], "train.trackers=[tensorboard]")
         assert "global batch 16 = 8 micro x 2 ranks x 1 accumulation" in log, log[-3000:]
     return out
 
@@ -88,6 +89,8 @@ def test_two_processes_train_save_and_export(runs, config):
     state = json.loads((out / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["zero_stage"] == {"ddp": 0, "zero2": 2, "zero3": 3}[config]
     assert (out / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()  # rank 1 saved its RNG
+    assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(out / "tunelab") for f in files)
+    assert (out / "export" / "model.safetensors").is_file()
 
 
 def test_zero_stages_match_ddp_losses_and_exported_weights(runs):

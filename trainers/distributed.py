@@ -1,4 +1,5 @@
-"""Builds the run's process group and Accelerator, the DeepSpeed plugin included, from the launcher's settings.
+"""Builds the run's process group and Accelerator, the DeepSpeed plugin included, from the launcher's settings
+(and ends the group once the run is done).
 
 ``accelerate launch --config_file recipes/accelerate/<ddp|zero2|zero3|...>.yaml train.py ...`` tells the trainer
 what to run through environment variables; this module turns them into one ``Accelerator`` whose batch
@@ -51,6 +52,16 @@ def init_state() -> PartialState:
         # process. Naming gloo makes it call deepspeed.init_distributed(dist_backend="gloo") and count ranks.
         return PartialState(cpu=False, backend="gloo")
     return PartialState(cpu=cpu)
+
+
+def end_process_group() -> None:
+    """Every rank, once a run has finished: wait for all, then destroy the process group. Left to interpreter
+    exit, gloo's worker threads can outlive the group and abort a finished rank with SIGABRT ("terminate called
+    without an active exception", pytorch/pytorch#190489). Not called after a failure: a rank still inside a
+    collective would leave the others waiting here."""
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def _skip_shm_kernel() -> None:

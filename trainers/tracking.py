@@ -68,8 +68,9 @@ class RunTracker:
 
     def close(self, plot: bool, output_dir: str) -> None:
         self.bar.close()
-        if self.trackers:
-            self.accelerator.end_training()
+        # not accelerator.end_training(): it also destroys the process group, which the export still needs
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         if self.main and plot and os.path.exists(self.path):
             plot_losses(self.path, os.path.join(output_dir, "loss_curves.png"))
 
