@@ -5,8 +5,11 @@ Optimization). METHODS.md §4.
 DPO plus eta times an SFT term on the chosen response (the paper's "baseline distribution" instantiated as
 the chosen responses). The authors' repository has two variants:
 
-- ``cumulative`` (main paper; alignment-handbook code):  loss_i = DPO_i - eta * beta * sum logp(y_w),
-  with the same (non-detached) sum log-probs as the DPO term.
+- ``cumulative`` (main paper; alignment-handbook code):  loss_i = DPO_i - eta * beta * logp(y_w), with the
+  same (non-detached) log-probs as the DPO term: the sum over the response's tokens, except with
+  ``loss_type: ipo``, where the authors' trainer (``alignment-handbook/scripts/rpo_trainer.py``,
+  ``concatenated_forward``) divides every sequence log-prob by its token count before both the IPO term and the
+  SFT term, so the SFT term is -eta * beta * avg logp(y_w) (still times beta).
 - ``average`` (appendix F; OpenRLHF code):  L = mean_i DPO_i + eta * mean_i [-avg logp(y_w)], the per-token
   average NLL of each chosen response, averaged over pairs, with no beta factor.
 
@@ -21,7 +24,8 @@ tunelab it is written without new code as ``loss: {dpo: {...}, ntp: {weight: alp
 always means Liu et al.
 
 Metrics: those of DPO (rewards = beta * log-ratio, sum logps) plus ``rpo/sft``, the regulariser's value per
-pair before the eta factor (cumulative: -beta * sum logp(y_w); average: -avg logp(y_w)).
+pair before the eta factor (cumulative: -beta * sum logp(y_w), or -beta * avg logp(y_w) with IPO; average:
+-avg logp(y_w)).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class RPOLoss(DPOLoss):
     def pair_losses(self, out: ForwardOutputs) -> tuple[torch.Tensor, dict[str, Metric]]:
         losses, metrics = self.preference_losses(out)
         if self.variant == "cumulative":
-            sft = -self.beta * out.seq_logps[out.chosen]
+            logps = out.seq_avg_logps if self.loss_type == "ipo" else out.seq_logps
+            sft = -self.beta * logps[out.chosen]
         else:
             sft = -out.seq_avg_logps[out.chosen]
         metrics["rpo/sft"] = mean_metric(sft)

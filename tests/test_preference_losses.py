@@ -222,6 +222,18 @@ def test_rpo_cumulative_subtracts_eta_beta_sum_logp_chosen():
     assert metric(metrics, "rpo/sft") == pytest.approx(-beta * (sum(SEQS[0]) + sum(SEQS[2])) / 2)
 
 
+def test_rpo_cumulative_with_ipo_uses_the_average_logp_times_beta():
+    # The authors' trainer divides every log-prob by its length for IPO before the loss, so the SFT term is
+    # -eta * beta * avg logp(y_w). By hand, beta=0.1, eta=0.5:
+    # pair 0: h = 0.25/3 + 0.25/2 = 5/24, IPO (5/24 - 5)^2 = 13225/576, SFT 0.1 * 1.75/3 = 7/120
+    # pair 1: h = -1.0/2 - 0.5/4 = -0.625, IPO (-5.625)^2 = 31.640625, SFT 0.1 * 2.0/2 = 0.1
+    loss = RPOLoss(beta=0.1, eta=0.5, variant="cumulative", loss_type="ipo")
+    expected = [13225 / 576 + 0.5 * 7 / 120, 31.640625 + 0.5 * 0.1]
+    assert per_pair(loss) == pytest.approx(expected, abs=1e-12)
+    _, metrics = loss.pair_losses(make_out())
+    assert metric(metrics, "rpo/sft") == pytest.approx((7 / 120 + 0.1) / 2)
+
+
 def test_rpo_average_adds_eta_mean_nll_per_token_without_beta():
     beta, eta = 0.5, 0.2
     expected = [-logsig(beta * ((c - rc) - (r - rr))) + eta * (-c / lc) for c, r, lc, _, rc, rr in pairs()]
