@@ -3,7 +3,8 @@
 Every example comes from a small set of tasks with a fixed answer rule, so a tiny model can learn them on a
 CPU in minutes and a preference signal is learnable: each preference pair's chosen response is correct and
 its rejected response is a specific, plausible mistake for the same task. Generation is deterministic in the
-seed.
+seed and nothing else: every draw is from a sequence in a fixed order (never a set, whose iteration order
+depends on the process's hash seed), so every process builds the same rows.
 
 Rows use the alpaca schema (instruction / input / output); preference rows the prompt / chosen / rejected
 schema. Both are the same schemas that real datasets load in, so the rest of the pipeline is exercised as is.
@@ -41,7 +42,8 @@ def _wrong(rng: random.Random, right: str, choices) -> str:
 def _colour(rng):
     obj = rng.choice(list(OBJECTS))
     colour = OBJECTS[obj]
-    wrong = _wrong(rng, colour, set(OBJECTS.values()))
+    # sorted: iterating a set of strings follows the per-process hash seed, so the draw would too
+    wrong = _wrong(rng, colour, sorted(set(OBJECTS.values())))
     return ("What colour is the object?", obj, f"The {obj} is {colour}.", f"The {obj} is {wrong}.")
 
 

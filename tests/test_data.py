@@ -136,3 +136,91 @@ def test_mixture_weights_split_and_determinism(tok, tmp_path):
     assert len(train) + len(evaluation) == 100 and len(evaluation) == 10
     again, _, _ = build_datasets(cfg, tok, "sft", 0)
     assert train["input_ids"] == again["input_ids"]
+
+
+# ---- determinism across processes and ranks ---------------------------------------------------------------------
+FINGERPRINTS_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from omegaconf import OmegaConf
+from data.fingerprint import dataset_fingerprint
+from data.pipeline import build_datasets
+from data.sources import BUNDLED, load_rows
+from trainers.models import tiny_tokenizer
+
+out = {}
+for name in BUNDLED:
+    rows, _ = load_rows(OmegaConf.create({"path": "bundled:" + name}), "raise")
+    out[name] = dataset_fingerprint(rows)
+for config, kind in (("bundled_sft", "sft"), ("bundled_pref", "pairs")):
+    cfg = OmegaConf.load(f"{sys.argv[1]}/recipes/data/{config}.yaml")
+    cfg.sources[0].num_rows = 600
+    train, evaluation, _ = build_datasets(cfg, tiny_tokenizer(), kind, 42)
+    out[config] = [dataset_fingerprint(train), dataset_fingerprint(evaluation)]
+print(json.dumps(out))
+"""
+
+
+def test_bundled_data_and_pipeline_output_do_not_depend_on_the_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def fingerprints(hash_seed: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", FINGERPRINTS_SCRIPT, ROOT], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = fingerprints("1"), fingerprints("2")
+    assert set(first) == {"instructions", "preferences", "varied_instructions", "bundled_sft", "bundled_pref"}
+    assert first == second
+
+
+def test_fingerprint_follows_content_not_construction():
+    import datasets
+
+    from data.fingerprint import dataset_fingerprint
+
+    rows = [{"input_ids": [1, 2, 3], "target_mask": [0, 1, 1], "_source": "a.jsonl", "_row": 1},
+            {"input_ids": [4, 5], "target_mask": [1, 1], "_source": "a.jsonl", "_row": 2},
+            {"input_ids": [6], "target_mask": [1], "_source": "a.jsonl", "_row": 3}]
+    whole = datasets.Dataset.from_list(rows)
+    # the same two rows, once as a filtered view (indices mapping over a sliced table), once built directly
+    filtered = whole.filter(lambda r: r["_row"] != 2)
+    direct = datasets.Dataset.from_list([rows[0], rows[2]])
+    assert dataset_fingerprint(filtered) == dataset_fingerprint(direct)
+    # one token moved from one example to the next: same flat values, other example boundaries
+    moved = datasets.Dataset.from_list([{**rows[0], "input_ids": [1, 2]}, {**rows[2], "input_ids": [3, 6]}])
+    assert dataset_fingerprint(moved) != dataset_fingerprint(direct)
+    changed = datasets.Dataset.from_list([rows[0], {**rows[2], "_source": "b.jsonl"}])
+    assert dataset_fingerprint(changed) != dataset_fingerprint(direct)
+    assert dataset_fingerprint(None) != dataset_fingerprint(direct)
+
+
+def test_ranks_with_different_data_are_refused_by_name():
+    from data.fingerprint import DataMismatchError, check_fingerprints_agree
+
+    same = {"train": "a" * 64, "eval": "b" * 64}
+    check_fingerprints_agree([same, dict(same), dict(same)])
+    with pytest.raises(DataMismatchError, match=r"rank 2 train cccccccccccc != rank 0 aaaaaaaaaaaa"):
+        check_fingerprints_agree([same, dict(same), {**same, "train": "c" * 64}])
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_same_preference_data(tmp_path):
+    """Each launched process gets its own random hash seed: both ranks must still build the same pairs."""
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.test_distributed import FAST, env, launch_args
+
+    out = tmp_path / "run"
+    proc = subprocess.run([*launch_args("ddp", 2), "recipe=dpo", f"output_dir={out}", *FAST, "train.max_steps=1",
+                           "export.enabled=false"], cwd=ROOT, env={**env(), "PYTHONHASHSEED": "random"},
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "(same on 2 ranks)" in log, log[-4000:]

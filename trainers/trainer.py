@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 
 from data.collate import Collator
+from data.fingerprint import check_same_data_on_every_rank
 from data.pipeline import build_datasets
 from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_per_epoch
 from losses import build_loss
@@ -36,8 +37,14 @@ from trainers.tracking import RunTracker, tracker_names
 log = logging.getLogger("tunelab")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm, or the weights about to be written, hold NaN or inf."""
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of this rank's parameters holding NaN or inf (under ZeRO-3, in this rank's shard)."""
+    return [name for name, param in module.named_parameters()
+            if not torch.isfinite(getattr(param, "ds_tensor", param.data)).all()]
 
 
 def resolve_output_dir(cfg, state: PartialState, recipe_name: str) -> str:
@@ -68,6 +75,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.model)
         with acc.main_process_first():
             train_ds, eval_ds, self.data_counts = build_datasets(cfg.data, self.tokenizer, self.kind, cfg.seed)
+        check_same_data_on_every_rank({"train": train_ds, "eval": eval_ds})
         self.collator = Collator(
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
         )
@@ -143,26 +151,49 @@ class Trainer:
                 accum.add(metrics)
                 tokens += batch["num_tokens"]
         step_loss = float(acc.reduce(step_loss, reduction="sum"))
-        if not math.isfinite(step_loss):
-            if self.cfg.train.on_nonfinite != "skip":
-                raise NonFiniteLossError(
-                    f"loss is {step_loss} at step {self.step + 1}; last metrics: "
-                    f"{self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or set "
-                    "train.on_nonfinite=skip to skip such steps and count them."
+        grad_norm = self._grad_norm()
+        if grad_norm is not None:
+            accum.add({"grad_norm": Metric(grad_norm)})
+        # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers its
+        # scale, so only the loss decides there.
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and acc.mixed_precision != "fp16"
+        if not math.isfinite(step_loss) or bad_norm:
+            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"{what} at step {self.step + 1}, before its optimizer step (no weight was changed); last "
+                    f"metrics: {self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or "
+                    "set train.on_nonfinite=skip to skip such steps and count them."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step + 1, self.skipped_steps)
+            log.warning("%s at step %d: step skipped (%d so far)", what, self.step + 1, self.skipped_steps)
             return step_loss
-        if self.cfg.train.max_grad_norm:
-            norm = acc.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
-            if norm is not None:
-                accum.add({"grad_norm": Metric(float(norm))})
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._tokens = tokens
         return step_loss
+
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm after unscaling, clipped to train.max_grad_norm if set. Without clipping the
+        bound is infinite, which measures the norm and scales every gradient by exactly 1. None under DeepSpeed
+        before its engine has stepped."""
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm)
+        return None if norm is None else float(norm)
+
+    def _refuse_nonfinite_weights(self, what: str) -> None:
+        """Every rank checks its parameters (its shards under ZeRO-3); all ranks refuse together."""
+        local = nonfinite_parameters(self.policy)
+        total = int(self.accelerator.reduce(torch.tensor(len(local), device=self.accelerator.device), "sum"))
+        if total:
+            named = f" (this rank: {', '.join(local[:3])}{', ...' if len(local) > 3 else ''})" if local else ""
+            raise NonFiniteError(
+                f"refusing to write {what} at step {self.step}: {total} parameter tensors hold NaN or inf{named}. "
+                "Nothing was written; the checkpoints already on disk are intact. Lower train.lr or check the data, "
+                "then resume from the last checkpoint."
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -241,10 +272,12 @@ class Trainer:
                 if last_eval:
                     tracker.log(self.step, "eval", last_eval)
             if self.step % cfg.train.save_every == 0 or last:
+                self._refuse_nonfinite_weights(f"the step-{self.step} checkpoint")
                 checkpoint.save(acc, self.output_dir, self.step,
                                 {"step": self.step, "skipped_steps": self.skipped_steps}, cfg.train.keep_last)
         tracker.close(cfg.train.plot, self.output_dir)
         if cfg.export.enabled:
+            self._refuse_nonfinite_weights("the export")
             export_model(acc, self.policy, self.tokenizer, self.output_dir, cfg.export.merge_lora)
         summary = {"output_dir": self.output_dir, "steps": self.step, "skipped_steps": self.skipped_steps,
                    "eval_before": first_eval, "eval_after": last_eval,
