@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 
 from trainers import checkpoint
-from trainers.trainer import NonFiniteLossError, Trainer
+from trainers.trainer import NonFiniteError, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +119,7 @@ def test_lora_export_writes_adapter_and_merged_model(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_a_message_or_is_skipped(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="train.on_nonfinite=skip"):
+    with pytest.raises(NonFiniteError, match="train.on_nonfinite=skip"):
         run(tmp_path, "nan", "train.max_steps=3", "train.eval_every=0", "train.lr=1e30", "train.max_grad_norm=null",
             "train.optimizer=sgd", "train.warmup_steps=0")
     AcceleratorState._reset_state(True)
@@ -127,6 +128,76 @@ def test_nonfinite_loss_stops_with_a_message_or_is_skipped(tmp_path):
                      "train.max_grad_norm=null", "train.optimizer=sgd", "train.warmup_steps=0",
                      "train.on_nonfinite=skip")
     assert summary["skipped_steps"] >= 1
+
+
+def poison_gradients_at(trainer, bad_steps):
+    """Gradients of one weight become NaN during the optimizer steps numbered in bad_steps (1-based) while the
+    loss stays finite: the case a loss-only check misses."""
+    first = next(p for p in trainer.policy.parameters() if p.requires_grad)
+    first.register_hook(lambda grad: grad * math.nan if trainer.step + 1 in bad_steps else grad)
+
+
+def exported_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def checkpoint_weights(step_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(step_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_nan_gradient_with_finite_loss_stops_before_the_optimizer_step(tmp_path, clip):
+    trainer, _ = run(tmp_path, "stop", "train.max_steps=4", "train.save_every=1", "train.eval_every=0",
+                     f"train.max_grad_norm={clip}", fit=False)
+    poison_gradients_at(trainer, {3})
+    with pytest.raises(NonFiniteError, match="gradient norm is nan at step 3 .*no weight was changed"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
+    saved = sorted(os.listdir(tmp_path / "stop" / "checkpoints"))
+    assert saved == ["step_0000001", "step_0000002"]
+    for name in saved:
+        weights = checkpoint_weights(tmp_path / "stop" / "checkpoints" / name)
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_nan_gradient_is_skipped_and_counted_and_never_exported(tmp_path):
+    trainer, _ = run(tmp_path, "skip", "train.max_steps=4", "train.eval_every=0", "train.log_every=1",
+                     "train.on_nonfinite=skip", "export.enabled=true", fit=False)
+    poison_gradients_at(trainer, {2})
+    before_skip = {}
+    original = trainer.train_step
+
+    def train_step(accum):
+        if trainer.step == 1:
+            before_skip.update({n: p.detach().clone() for n, p in trainer.policy.named_parameters()})
+        loss = original(accum)
+        if trainer.step == 1:  # the skipped step changed no weight and did not advance the schedule
+            for name, param in trainer.policy.named_parameters():
+                torch.testing.assert_close(param.detach(), before_skip[name], rtol=0, atol=0)
+        return loss
+
+    trainer.train_step = train_step
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert all(torch.isfinite(t).all() for t in exported_weights(tmp_path / "skip").values())
+    lrs = [r["lr"] for r in read_metrics(str(tmp_path / "skip"))]
+    assert lrs[1] == lrs[0]  # no scheduler step on the skipped step
+    assert [r["skipped_steps"] for r in read_metrics(str(tmp_path / "skip"))[1:]] == [1, 1, 1]
+
+
+def test_nonfinite_weights_are_never_checkpointed_or_exported(tmp_path):
+    trainer, _ = run(tmp_path, "nanw", "train.max_steps=2", "train.eval_every=0", "train.on_nonfinite=skip",
+                     "export.enabled=true", fit=False)
+    with torch.no_grad():
+        next(iter(trainer.policy.parameters())).fill_(math.nan)
+    with pytest.raises(NonFiniteError, match="refusing to write the step-2 checkpoint at step 2: 1 parameter"):
+        trainer.fit()
+    assert not os.path.exists(tmp_path / "nanw" / "checkpoints" / "step_0000002")
+    assert not os.path.exists(tmp_path / "nanw" / "export")
 
 
 def test_inconsistent_batch_sizes_fail_clearly(tmp_path):

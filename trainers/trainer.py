@@ -25,7 +25,7 @@ from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_pe
 from losses import build_loss
 from losses.base import Metric
 from trainers import checkpoint
-from trainers.distributed import build_accelerator, fill_model_keys, init_state
+from trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
 from trainers.export import export_model
 from trainers.forward import CausalLMWithLogProbs
 from trainers.metrics import MetricAccumulator
@@ -160,10 +160,12 @@ class Trainer:
         if not math.isfinite(step_loss) or bad_norm:
             what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
             if self.cfg.train.on_nonfinite == "stop":
+                applied = ("DeepSpeed applied its optimizer step in memory; nothing was written" if is_deepspeed(acc)
+                           else "raised before its optimizer step: no weight was changed")
                 raise NonFiniteError(
-                    f"{what} at step {self.step + 1}, before its optimizer step (no weight was changed); last "
-                    f"metrics: {self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or "
-                    "set train.on_nonfinite=skip to skip such steps and count them."
+                    f"{what} at step {self.step + 1} ({applied}); last metrics: "
+                    f"{self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or set "
+                    "train.on_nonfinite=skip to skip such steps and count them."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
