@@ -1,11 +1,17 @@
 """A weighted sum of loss terms, optionally with a per-pair weighting, built from the recipe's ``loss`` block.
 
-Config shape (each key of ``loss`` is a registered loss name; ``weight`` scales that term, default 1)::
+Config shape (each key of ``loss`` is a registered loss name, or any label whose ``type`` names one, so one
+loss can appear in several terms; ``weight`` scales that term, default 1)::
 
     loss:
       dpo: {beta: 0.1}
       ntp: {weight: 1.0}          # DPO + NLL without new code
     pair_weighting: {name: wpo, alignment: sampled}   # or null
+
+    loss:                          # MPO (Wang et al. 2024): three weighted terms, two of them DPO loss types
+      dpo: {loss_type: sigmoid, weight: 0.8}
+      bco: {type: dpo, loss_type: bco_pair, weight: 0.2}
+      ntp: {weight: 1.0}
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def build_loss(loss_cfg: Mapping, pair_weighting_cfg: Mapping | None = None) -> 
     for name, options in (loss_cfg or {}).items():
         options = dict(options or {})
         weight = float(options.pop("weight", 1.0))
-        cls = lookup(LOSSES, name, "loss")
+        cls = lookup(LOSSES, options.pop("type", name), "loss")
         try:
             terms.append((name, weight, cls(**options)))
         except TypeError as err:

@@ -112,9 +112,12 @@ def trl_trainer(setup):
     return make_trl_trainer(setup, "plain")
 
 
-def trl_run(trainer, examples, loss_type: str, beta: float, eps: float):
+def trl_run(trainer, examples, loss_type: str, beta: float, eps: float, f_divergence: str = "reverse_kl",
+            f_alpha: float = 0.5, discopop_tau: float = 0.05):
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
     trainer.beta, trainer.label_smoothing = beta, eps
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = f_divergence, f_alpha
+    trainer.args.discopop_tau = discopop_tau
     trainer._metrics["train"].clear()
     trainer.model.train()
     with torch.no_grad():
@@ -143,6 +146,30 @@ def test_dpo_losses_and_rewards_match_trl(setup, trl_trainer, loss_type, beta, e
     for key in ("logps/chosen", "logps/rejected"):  # sums over ~20 tokens: compare relatively
         assert metrics[key] == pytest.approx(trl_metrics[key], rel=1e-6, abs=1e-4), key
     assert 0 < metrics["rewards/accuracies"] < 1 and abs(metrics["rewards/margins"]) > 1e-3  # a non-trivial batch
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": "sigmoid_norm", "beta": 0.5}, {"loss_type": "exo_pair", "beta": 0.1, "label_smoothing": 1e-3},
+    {"loss_type": "nca_pair", "beta": 0.1}, {"loss_type": "bco_pair", "beta": 0.1},
+    {"loss_type": "sppo_hard", "beta": 1.0}, {"loss_type": "aot", "beta": 0.1},
+    {"loss_type": "aot_unpaired", "beta": 0.1}, {"loss_type": "aot", "beta": 0.1, "label_smoothing": 0.2},
+    {"loss_type": "apo_zero", "beta": 0.1}, {"loss_type": "apo_down", "beta": 0.1},
+    {"loss_type": "discopop", "beta": 0.1, "discopop_tau": 0.05},
+    {"loss_type": "sigmoid", "beta": 0.1, "f_divergence": "forward_kl"},
+    {"loss_type": "sigmoid", "beta": 0.1, "f_divergence": "js_divergence"},
+    {"loss_type": "sigmoid", "beta": 0.1, "f_divergence": "alpha_divergence", "f_alpha": 0.3},
+    {"loss_type": "ipo", "beta": 0.1, "f_divergence": "js_divergence"},
+    {"loss_type": "hinge", "beta": 1.0, "f_divergence": "forward_kl"},
+])
+def test_dpo_family_matches_trl(setup, trl_trainer, options):
+    trl_loss, trl_metrics = trl_run(trl_trainer, setup["trl_examples"], options["loss_type"], options["beta"],
+                                    options.get("label_smoothing", 0.0), options.get("f_divergence", "reverse_kl"),
+                                    options.get("f_alpha", 0.5), options.get("discopop_tau", 0.05))
+    loss, metrics = ours(setup, options)
+    # TRL computes in float32: sppo_hard and forward_kl reach 1e4..1e8 on this batch's log-ratios
+    assert loss == pytest.approx(trl_loss, rel=1e-6, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
 
 
 def test_wpo_weights_are_trl_weights_clamped_at_one(setup):
