@@ -19,7 +19,7 @@ import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_p
 from data.sources import load_rows
 from data.stages import stages_at
 from data.templates import build_template
-from data.tokenize import TRUNCATION_POLICIES, tokenize_row
+from data.tokenize import tokenize_row, validate_data_config
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: Counter, sp
 
 def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
     """Returns (train, eval or None, counts). ``kind`` is 'sft' or 'pairs' (what the loss needs)."""
-    if data_cfg.truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"data.truncation={data_cfg.truncation!r}; valid: {', '.join(TRUNCATION_POLICIES)}")
+    validate_data_config(data_cfg, kind)
     if data_cfg.on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error={data_cfg.on_error!r}; valid: raise, skip")
     template = build_template(data_cfg.template, tokenizer)

@@ -3,13 +3,19 @@
 SFT example:  ``input_ids`` and ``target_mask`` (1 on assistant tokens, EOS included; 0 on system/user
 turns). Pair example: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (responses end in EOS).
 
-Truncation policy (``data.truncation``):
-- ``truncate`` (default). SFT: the sequence is cut at ``max_length`` from the right (the response loses its
-  tail and EOS, as in HF/TRL). Pairs: as the SimPO / alignment-handbook scripts do, a prompt over
-  ``max_prompt_length`` first keeps only its last ``max_prompt_length`` tokens, then responses are cut so that
-  prompt + response fits ``max_length``.
+Truncation policy (``data.truncation``), checked with the lengths by ``validate_data_config`` before any data is
+read:
+- ``fixed_budget`` (the paper recipes' policy: SimPO's ``simpo_trainer.py``, the alignment-handbook DPO / RPO /
+  WPO trainers, i.e. TRL's DPOTrainer up to 0.11 with its default ``truncation_mode=keep_end``). When a pair's
+  prompt plus its longer response exceeds ``max_length``, the prompt keeps its last ``max_prompt_length`` tokens;
+  if the pair still does not fit, each response keeps its first ``max_length - max_prompt_length`` tokens,
+  however short the prompt is.
+- ``shared_budget`` (default for everything else): the prompt is cut the same way, then the responses get all
+  the room it leaves, ``max_length - len(prompt)`` tokens, so a short prompt leaves long responses whole.
 - ``drop``: an example that does not fit is dropped and counted.
-An SFT prompt that alone fills ``max_length`` leaves nothing to learn from: that is a bad row.
+SFT examples (either budget policy): the sequence is cut at ``max_length`` from the right (the response loses
+its tail and EOS, as in HF/TRL); an SFT prompt that alone fills ``max_length`` leaves nothing to learn from: that
+is a bad row. An example counts as ``truncated`` only when tokens were actually cut.
 Bad rows (missing fields, empty responses, over-long prompts) raise an error naming the source and row, or
 with ``data.on_error=skip`` are dropped and counted in the log.
 """
@@ -19,7 +25,26 @@ from __future__ import annotations
 from data.formats import PAIR_FORMATS, SFT_FORMATS, RowError
 from data.templates import encode_segments
 
-TRUNCATION_POLICIES = ("truncate", "drop")
+TRUNCATION_POLICIES = ("fixed_budget", "shared_budget", "drop")
+
+
+def validate_data_config(data_cfg, kind: str) -> None:
+    """Reject truncation settings no example could satisfy, naming the keys, before anything is loaded."""
+    if data_cfg.truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"data.truncation={data_cfg.truncation!r}; valid: {', '.join(TRUNCATION_POLICIES)}")
+    max_length = data_cfg.max_length
+    if not isinstance(max_length, int) or max_length <= 0:
+        raise ValueError(f"data.max_length must be a positive integer, got {max_length!r}")
+    if kind != "pairs":
+        return
+    max_prompt_length = data_cfg.max_prompt_length
+    if not isinstance(max_prompt_length, int) or max_prompt_length <= 0:
+        raise ValueError(f"data.max_prompt_length must be a positive integer, got {max_prompt_length!r}")
+    if max_prompt_length >= max_length:
+        raise ValueError(
+            f"data.max_prompt_length={max_prompt_length} must be smaller than data.max_length={max_length}: "
+            f"a truncated prompt would leave no room for the responses"
+        )
 
 
 def _formatter(table: dict, fmt: str, kind: str):
@@ -64,9 +89,11 @@ def pair_example(
         if truncation == "drop":
             return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "status": "too_long"}
         status = "truncated"
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-        room = max_length - len(prompt)
+        prompt = prompt[-max_prompt_length:]
+        if truncation == "fixed_budget":
+            room = max_length - max_prompt_length
+        else:
+            room = max_length - len(prompt)
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     return {"prompt_ids": prompt, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "status": status}
 

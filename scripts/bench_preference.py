@@ -55,7 +55,7 @@ def our_overrides(args, loss: str, data_path: str, tmp: str, steps: int, referen
     return [
         f"recipe={loss}", *bc.model_overrides(args.small), *loss_args, *chunk,
         f"data.sources=[{{path:'{data_path}',format:pairwise_strings}}]",
-        "data.eval_fraction=0", f"data.max_length={args.row_length}", "data.max_prompt_length=2048",
+        "data.eval_fraction=0", f"data.max_length={args.row_length}", f"data.max_prompt_length={args.row_length - 1}",
         f"train.global_batch_size={PAIRS_PER_STEP}", f"train.micro_batch_size={PAIRS_PER_STEP}",
         f"train.max_steps={steps}", "train.optimizer=adamw", f"train.lr={LR}", "train.scheduler=constant",
         "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "train.progress_bar=false",

@@ -21,7 +21,7 @@ def tok():
 def data_cfg(**over):
     base = dict(
         sources=[{"path": "bundled:instructions", "format": "alpaca", "num_rows": 50}],
-        template="chat", max_length=256, max_prompt_length=192, truncation="truncate", packing=True,
+        template="chat", max_length=256, max_prompt_length=192, truncation="shared_budget", packing=True,
         shared_prompt=True, eval_fraction=0.0, on_error="raise", num_proc=None,
     )
     base.update(over)

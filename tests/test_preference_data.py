@@ -19,7 +19,8 @@ def tok():
 def data_cfg(path, fmt, **over):
     base = dict(
         sources=[{"path": str(path), "format": fmt}], template="chat", max_length=256, max_prompt_length=192,
-        truncation="truncate", packing=True, shared_prompt=True, eval_fraction=0.0, on_error="raise", num_proc=None,
+        truncation="shared_budget", packing=True, shared_prompt=True, eval_fraction=0.0, on_error="raise",
+        num_proc=None,
     )
     base.update(over)
     return OmegaConf.create(base)
@@ -114,8 +115,8 @@ def test_truncation_cuts_the_prompt_first_keeping_its_end_then_the_responses(tok
 def test_truncation_drop_counts_too_long_pairs(tok, tmp_path):
     rows = [string_row(0), {"prompt": "Hi", "chosen": " ".join(["stone"] * 200), "rejected": "x"}, string_row(1)]
     path = write_jsonl(tmp_path / "drop.jsonl", rows)
-    train, _, counts = build_datasets(data_cfg(path, "pairwise_strings", max_length=64, truncation="drop"),
-                                      tok, "pairs", 0)
+    cfg = data_cfg(path, "pairwise_strings", max_length=64, max_prompt_length=32, truncation="drop")
+    train, _, counts = build_datasets(cfg, tok, "pairs", 0)
     assert len(train) == 2 and counts["train/too_long"] == 1 and counts["train/ok"] == 2
 
 
