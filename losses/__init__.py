@@ -1,7 +1,7 @@
 """Loss registry: every loss module registers itself by name; recipes pick losses by those names."""
 
 # Importing the loss modules registers them.
-from losses import dpo, ntp, orpo, rpo, sftmix, simpo, wpo  # noqa: F401
+from losses import cpo, dpo, ntp, orpo, rpo, sftmix, simpo, wpo  # noqa: F401
 from losses.compose import LossSet, build_loss
 from losses.registry import LOSSES, PAIR_WEIGHTINGS, register_loss, register_pair_weighting
 

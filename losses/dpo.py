@@ -71,7 +71,7 @@ class PairTerms:
     reference_margin: torch.Tensor  # log ref(y_w) - log ref(y_l)
 
 
-def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+def smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
@@ -105,7 +105,7 @@ def _sorted_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # loss_type -> per-pair loss of (terms, the DPOLoss with its options)
 LOSS_TYPES = {
-    "sigmoid": lambda t, o: _smoothed_sigmoid(o.beta * _delta(t), o.label_smoothing),
+    "sigmoid": lambda t, o: smoothed_sigmoid(o.beta * _delta(t), o.label_smoothing),
     "ipo": lambda t, o: (_normalised_delta(t) - 1.0 / (2.0 * o.beta)) ** 2,
     "robust": lambda t, o: _robust(o.beta * _delta(t), o.label_smoothing),
     "hinge": lambda t, o: torch.relu(1.0 - o.beta * _delta(t)),
@@ -115,9 +115,9 @@ LOSS_TYPES = {
                               - 0.5 * F.logsigmoid(-o.beta * t.rejected_ratio)),
     "bco_pair": lambda t, o: -F.logsigmoid(o.beta * t.chosen_ratio) - F.logsigmoid(-o.beta * t.rejected_ratio),
     "sppo_hard": lambda t, o: (t.chosen_ratio - 0.5 / o.beta) ** 2 + (t.rejected_ratio + 0.5 / o.beta) ** 2,
-    "aot": lambda t, o: _smoothed_sigmoid(
+    "aot": lambda t, o: smoothed_sigmoid(
         o.beta * _sorted_difference(t.policy_margin, t.reference_margin), o.label_smoothing),
-    "aot_unpaired": lambda t, o: _smoothed_sigmoid(
+    "aot_unpaired": lambda t, o: smoothed_sigmoid(
         o.beta * _sorted_difference(t.chosen_ratio, t.rejected_ratio), o.label_smoothing),
     "apo_zero": lambda t, o: (1.0 - torch.sigmoid(o.beta * t.chosen_ratio)) + torch.sigmoid(o.beta * t.rejected_ratio),
     "apo_down": lambda t, o: (torch.sigmoid(o.beta * t.chosen_ratio)

@@ -13,7 +13,7 @@ from conftest import RECIPES, make_cfg, read_metrics
 from losses import build_loss
 from trainers.trainer import Trainer
 
-PREFERENCE_RECIPES = ["dpo", "ipo", "simpo", "rpo", "rpo_average", "wpo", "orpo"]
+PREFERENCE_RECIPES = ["dpo", "ipo", "simpo", "rpo", "rpo_average", "wpo", "orpo", "cpo", "mpo"]
 ALL_RECIPES = sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe")) if f.endswith(".yaml"))
 
 
@@ -111,7 +111,8 @@ def short_run(tmp_path, name, *overrides, steps=3):
 EXPECTED_METRICS = {
     "wpo": ["wpo/weight_mean", "wpo/weight_min", "wpo/weight_max"],
     "orpo": ["ntp/nll", "orpo/log_odds_ratio", "orpo/log_sigmoid_odds_ratio"],
-    "rpo": ["rpo/sft"], "rpo_average": ["rpo/sft"],
+    "rpo": ["rpo/sft"], "rpo_average": ["rpo/sft"], "cpo": ["cpo/loss", "ntp/loss"],
+    "mpo": ["dpo/loss", "bco/loss", "ntp/loss"],
 }
 
 
@@ -125,7 +126,7 @@ def test_preference_recipe_runs_a_few_steps(tmp_path, recipe):
     for key in ["rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected",
                 *EXPECTED_METRICS.get(recipe, [])]:
         assert key in train_log[-1], key
-    if recipe in ("dpo", "ipo", "rpo", "rpo_average", "wpo"):  # step 1: policy == reference
+    if recipe in ("dpo", "ipo", "rpo", "rpo_average", "wpo", "mpo"):  # step 1: policy == reference
         assert train_log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     if recipe == "dpo":
         assert train_log[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
