@@ -45,7 +45,8 @@ def main(overrides: list[str]) -> None:
     for noisy in ("accelerate", "transformers", "datasets", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with initialize_config_dir(config_dir=os.path.join(ROOT, "recipes"), version_base=None):
-        cfg = compose("config", overrides=["recipe=sft_smollm2_lora_demo", "output_dir=runs/demo", *overrides])
+        # no fixed output_dir: each demo run gets a fresh runs/demo/<time>_<id> (a used one is refused)
+        cfg = compose("config", overrides=["recipe=sft_smollm2_lora_demo", *overrides])
     trainer = Trainer(cfg, recipe_name="demo")
     model = trainer.accelerator.unwrap_model(trainer.policy).model
     model.eval()

@@ -1,9 +1,14 @@
 """Atomic, rotating checkpoints and resume-point lookup.
 
 A checkpoint is a directory ``checkpoints/step_NNNNNNN`` holding Accelerate's state (model, optimizer,
-scheduler, RNG of every rank) and ``trainer_state.json``. It is written under a temporary name and renamed
-into place only after every rank has finished writing, so a run killed mid-save never leaves a directory that
-looks complete; leftovers of such a save are removed on the next save.
+scheduler, RNG of every rank), ``trainer_state.json`` (step, counters, the run's resolved config) and
+``manifest.json``: the relative path, size and sha256 of every other file, written by the main process after
+every rank has finished writing. The directory is written under a temporary name and renamed into place only
+then, so a run killed mid-save never leaves a directory that looks complete; an existing folder of the same step
+is first renamed aside, then replaced, then deleted. Leftovers of an interrupted save are removed on the next.
+
+Resuming verifies the manifest (sizes and checksums): ``resume=latest|auto`` take the newest checkpoint that
+verifies and log each newer one skipped with its reason; an explicit checkpoint that fails is an error.
 
 Under DeepSpeed, Accelerate's state is DeepSpeed's own checkpoint (``pytorch_model/``: every rank's ZeRO
 shards of the weights and optimizer), resumable with the same number of processes. For another number,
@@ -15,7 +20,9 @@ convert it once to DeepSpeed's universal format and resume from the converted di
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +30,14 @@ import sys
 
 PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+LEFTOVERS = (".tmp-", ".old-")  # an interrupted save's new folder, and a replaced folder not yet deleted
+
+log = logging.getLogger("tunelab")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, incomplete or corrupted), with the reason."""
 
 
 def checkpoint_dir(output_dir: str) -> str:
@@ -30,26 +45,95 @@ def checkpoint_dir(output_dir: str) -> str:
 
 
 def complete_checkpoints(output_dir: str) -> list[str]:
+    """Step folders holding a trainer state, oldest first (not verified: see ``verify``)."""
+    return [path for path in step_dirs(output_dir) if os.path.isfile(os.path.join(path, STATE_FILE))]
+
+
+def step_dirs(output_dir: str) -> list[str]:
     root = checkpoint_dir(output_dir)
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
+    return [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _files(path: str) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(path):
+        found += [os.path.relpath(os.path.join(folder, n), path) for n in names]
+    return sorted(f for f in found if f != MANIFEST)
+
+
+def write_manifest(path: str) -> None:
+    entries = {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": _sha256(os.path.join(path, rel))}
+               for rel in _files(path)}
+    with open(os.path.join(path, MANIFEST), "w") as handle:
+        json.dump({"files": entries}, handle, indent=1)
+
+
+def verify(path: str) -> str | None:
+    """Why ``path`` is not an intact checkpoint, or None if every file matches its manifest entry."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        return "no such directory"
+    if not os.path.isfile(manifest):
+        return f"no {MANIFEST} (the save did not complete, or the file was deleted)"
+    try:
+        with open(manifest) as handle:
+            entries = json.load(handle)["files"]
+        expected = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    if STATE_FILE not in expected:
+        return f"{MANIFEST} does not list {STATE_FILE}"
+    for rel, (size, digest) in expected.items():
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"{rel} is missing"
+        if os.path.getsize(file) != size:
+            return f"{rel} has {os.path.getsize(file)} bytes, the manifest records {size} (truncated or overwritten)"
+        if _sha256(file) != digest:
+            return f"{rel} does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from. latest|auto: the newest that verifies, each newer one skipped with a
+    warning; latest fails if none verifies, auto starts fresh only if there is no step folder at all."""
     if resume in (None, "", "none"):
         return None
     if resume in ("auto", "latest"):
-        found = complete_checkpoints(output_dir)
-        if found:
-            return found[-1]
+        rejected = []
+        for path in reversed(step_dirs(output_dir)):
+            reason = verify(path)
+            if reason is None:
+                return path
+            log.warning("resume=%s: skipping checkpoint %s: %s", resume, path, reason)
+            rejected.append(f"{os.path.basename(path)}: {reason}")
+        if rejected:
+            raise CheckpointError(
+                f"resume={resume}: no checkpoint in {checkpoint_dir(output_dir)} verifies ("
+                + "; ".join(rejected) + "). Resume from another checkpoint with resume=<dir>, or move them away "
+                "to start over"
+            )
         if resume == "latest":
-            raise FileNotFoundError(f"resume=latest but {checkpoint_dir(output_dir)} has no complete checkpoint")
+            raise CheckpointError(f"resume=latest but {checkpoint_dir(output_dir)} has no complete checkpoint")
         return None
-    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
-        raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
+    reason = verify(resume)
+    if reason is not None:
+        raise CheckpointError(f"resume={resume!r} is not an intact checkpoint: {reason}. Use resume=latest to take the "
+                              "newest checkpoint of output_dir that verifies, or name another one")
     return resume
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as handle:
+        return json.load(handle)
 
 
 def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -> str:
@@ -59,9 +143,10 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
     root = checkpoint_dir(output_dir)
     final = os.path.join(root, f"{PREFIX}{step:07d}")
     tmp = os.path.join(root, f".tmp-{PREFIX}{step:07d}")
+    aside = os.path.join(root, f".old-{PREFIX}{step:07d}")
     if accelerator.is_main_process:
         for name in os.listdir(root) if os.path.isdir(root) else []:
-            if name.startswith(".tmp-"):
+            if name.startswith(LEFTOVERS):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -70,10 +155,16 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as handle:
             json.dump(state, handle, indent=1)
+        write_manifest(tmp)
+        # never delete in place: a half-deleted folder under the final name could still look complete
         if os.path.exists(final):
-            shutil.rmtree(final)
+            os.replace(final, aside)
         os.replace(tmp, final)
-        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(aside, ignore_errors=True)
+        # Folders of later steps belong to a run resumed from an earlier checkpoint; they are replaced when the
+        # run gets there, and must not push this one out.
+        reached = [p for p in complete_checkpoints(output_dir) if int(os.path.basename(p)[len(PREFIX):]) <= step]
+        for old in reached[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -82,8 +173,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
 def load(accelerator, path: str) -> dict:
     from trainers.distributed import zero_stage
 
-    with open(os.path.join(path, STATE_FILE)) as handle:
-        state = json.load(handle)
+    state = read_state(path)
     saved_world, saved_stage = state.get("num_processes"), state.get("zero_stage", 0)
     stage = zero_stage(accelerator)
     if (saved_stage > 0) != (stage > 0):
@@ -105,12 +195,13 @@ def load(accelerator, path: str) -> dict:
 
 def to_universal(path: str, out: str | None = None) -> str:
     """Convert a DeepSpeed checkpoint to the universal format (loadable with any number of processes)."""
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is not an intact checkpoint: {reason}")
     out = out or path.rstrip("/") + "_universal"
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(path, tmp, ignore=shutil.ignore_patterns("pytorch_model*", "latest*"))
+    shutil.copytree(path, tmp, ignore=shutil.ignore_patterns("pytorch_model*", "latest*", MANIFEST))
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                     os.path.join(path, "pytorch_model"), "--output_folder", os.path.join(tmp, "pytorch_model"),
                     "--inject_missing_state"], check=True)
@@ -121,6 +212,7 @@ def to_universal(path: str, out: str | None = None) -> str:
         state = json.load(handle)
     with open(os.path.join(tmp, STATE_FILE), "w") as handle:
         json.dump({**state, "universal": True}, handle, indent=1)
+    write_manifest(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

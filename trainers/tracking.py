@@ -1,6 +1,7 @@
 """Everything a person watches during a run: the progress bar (throughput, ETA), a log line per logging
 step, ``metrics.jsonl`` in the run directory, optional wandb / TensorBoard (offline-safe), and a PNG of the
-loss curves at the end. Only the main process writes."""
+loss curves at the end. Only the main process writes. A resumed run first drops the rows it will log again.
+TensorBoard and wandb keep their own history: on resume they receive the re-run steps a second time."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class RunTracker:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if self.main:
+            drop_rows_after(self.path, start_step)
         self.trackers = list(train_cfg.trackers or [])
         if self.trackers:
             accelerator.init_trackers(
@@ -73,6 +76,23 @@ class RunTracker:
             tracker.finish()
         if self.main and plot and os.path.exists(self.path):
             plot_losses(self.path, os.path.join(output_dir, "loss_curves.png"))
+
+
+def drop_rows_after(metrics_path: str, start_step: int) -> None:
+    """A run (re)starting at ``start_step`` logs every later row again, so rows after it (all rows when it starts
+    from scratch, the step-0 evaluation included) go, so that no step appears twice. Rewritten atomically."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as handle:
+        lines = [line for line in handle if line.strip()]
+    kept = [line for line in lines if start_step > 0 and json.loads(line)["step"] <= start_step]
+    if len(kept) == len(lines):
+        return
+    tmp = metrics_path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(kept)
+    os.replace(tmp, metrics_path)
+    log.info("metrics.jsonl: %d rows after step %d dropped (they are logged again)", len(lines) - len(kept), start_step)
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

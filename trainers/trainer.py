@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import time
 
 import torch
@@ -25,12 +26,14 @@ from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_pe
 from losses import build_loss
 from losses.base import Metric
 from trainers import checkpoint
+from trainers.config_check import check_config, check_resume_compatible
 from trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
 from trainers.export import export_model
 from trainers.forward import CausalLMWithLogProbs
 from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, build_tokenizer
 from trainers.optim import build_optimizer, build_scheduler
+from trainers.precision import resolve_precision
 from trainers.reference import Reference, _to_device
 from trainers.tracking import RunTracker, tracker_names
 
@@ -47,25 +50,77 @@ def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
             if not torch.isfinite(getattr(param, "ds_tensor", param.data)).all()]
 
 
-def resolve_output_dir(cfg, state: PartialState, recipe_name: str) -> str:
-    """Rank 0 picks the directory (its clock) and every rank, on every node, uses that choice."""
-    chosen = [cfg.output_dir or os.path.join("runs", recipe_name, time.strftime("%Y-%m-%d_%H-%M-%S"))]
+class RunDirError(FileExistsError):
+    """output_dir holds another run and this one does not resume it."""
+
+
+def decide_on_main(state: PartialState, decide):
+    """Run ``decide()`` on the main process only and give its result, or its error, to every rank, so that all
+    ranks go on with the same choice or all stop."""
+    outcome = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = decide()
+        except Exception as err:  # re-raised below on every rank
+            outcome[1] = err
     if state.num_processes > 1:
-        broadcast_object_list(chosen, from_process=0)
-    return chosen[0]
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def new_run_dir(recipe_name: str) -> str:
+    """A fresh runs/<recipe>/<time>_<random id>: creating it fails if it exists, so runs started in the same
+    second (or given the same id) never share one."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    while True:
+        path = os.path.join("runs", recipe_name, f"{stamp}_{secrets.token_hex(3)}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def prepare_run_dir(cfg, resolved: dict, recipe_name: str) -> tuple[str, str | None]:
+    """The run directory and the verified checkpoint to resume from (or None). A given output_dir that is not
+    empty belongs to another run unless this one resumes; the checkpoint's config must be compatible."""
+    resuming = cfg.resume not in (None, "", "none")
+    if cfg.output_dir:
+        output_dir = str(cfg.output_dir)
+        entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+        if entries and not resuming:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunDirError(
+                f"output_dir={output_dir} is not empty ({shown}): it holds another run. Continue that run with "
+                "resume=auto or resume=latest, or choose another output_dir (or none, for a fresh "
+                f"runs/{recipe_name}/<time>_<id>)"
+            )
+    else:
+        output_dir = new_run_dir(recipe_name)
+    resume_from = checkpoint.resolve_resume(cfg.resume, output_dir)
+    if resume_from:
+        check_resume_compatible(checkpoint.read_state(resume_from).get("config"), resolved, resume_from)
+    return output_dir, resume_from
 
 
 class Trainer:
     def __init__(self, cfg, recipe_name: str = "run"):
+        check_config(cfg)
         self.cfg = cfg
+        self.resolved_config = OmegaConf.to_container(cfg, resolve=True)
         train = cfg.train
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
         self.needs = self.loss_set.needs
         self.kind = "pairs" if self.needs.pairs else "sft"
         state = init_state()
         self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
-        self.output_dir = resolve_output_dir(cfg, state, recipe_name)
+        self.output_dir, self.resume_from = decide_on_main(
+            state, lambda: prepare_run_dir(cfg, self.resolved_config, recipe_name))
+        self.precision = resolve_precision(cfg.model, train, state)
         self.accelerator = acc = build_accelerator(train, state, self.accumulation, self.output_dir,
+                                                   self.precision.mixed_precision,
                                                    log_with=tracker_names(train) or None)
         set_seed(cfg.seed)
         if acc.is_main_process:
@@ -79,7 +134,7 @@ class Trainer:
         self.collator = Collator(
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
         )
-        model = build_model(cfg.model, self.tokenizer, cfg.seed)
+        model = self.precision.prepare_model(build_model(cfg.model, self.tokenizer, cfg.seed))
         self.reference = None
         if self.needs.reference:
             rebuild = lambda: build_model(cfg.model, self.tokenizer, cfg.seed)  # noqa: E731 (ZeRO-3 frozen copy)
@@ -89,14 +144,14 @@ class Trainer:
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
         policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20),
                                       attention_tile=train.attention_tile)
-        optimizer = build_optimizer(policy.parameters(), train)
+        optimizer = build_optimizer(policy.parameters(), train, self.precision.compensated_updates)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         if self.reference is not None:
             # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model)
-            self.reference.prepare()
+            self.reference.prepare(self.policy)
             datasets = self.reference.precompute(self.policy, {"train": train_ds, "eval": eval_ds}, self.collator)
             train_ds, eval_ds = datasets["train"], datasets["eval"]
         self.train_ds, self.eval_ds = train_ds, eval_ds
@@ -238,11 +293,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
-        if resume_from:
-            state = checkpoint.load(acc, resume_from)
+        if self.resume_from:
+            state = checkpoint.load(acc, self.resume_from)
             self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
-            log.info("resumed from %s at step %d", resume_from, self.step)
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
         if acc.is_main_process:
             log.info("run dir %s | %d examples, %d steps (%d/epoch) | global batch %d = %d micro x %d ranks x %d "
                      "accumulation", self.output_dir, len(self.train_ds), self.total_steps, self.steps_per_epoch,
@@ -276,7 +330,8 @@ class Trainer:
             if self.step % cfg.train.save_every == 0 or last:
                 self._refuse_nonfinite_weights(f"the step-{self.step} checkpoint")
                 checkpoint.save(acc, self.output_dir, self.step,
-                                {"step": self.step, "skipped_steps": self.skipped_steps}, cfg.train.keep_last)
+                                {"step": self.step, "skipped_steps": self.skipped_steps,
+                                 "config": self.resolved_config}, cfg.train.keep_last)
         tracker.close(cfg.train.plot, self.output_dir)
         if cfg.export.enabled:
             self._refuse_nonfinite_weights("the export")

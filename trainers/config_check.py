@@ -1,0 +1,150 @@
+"""What a valid run config is: the value rules checked at start-up, before any model or dataset is built, and
+which keys a resumed run may change from the config its checkpoint was written with.
+
+Each rule names one key, the values it takes (as the error message states them) and a test; a key absent
+from the config is not checked, and keys no rule names are left alone, so new config keys need no change here
+(add a rule for them). Every problem is reported at once, each naming its key and the valid values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainers.models import DTYPES
+from trainers.optim import OPTIMIZERS, SCHEDULERS
+
+_ABSENT = object()
+
+
+class ConfigError(ValueError):
+    """A config value outside what its key takes, or a resume whose config differs where it must not."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer_at_least(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: _is_int(value) and value >= minimum
+
+
+def optional(accepts: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or accepts(value)
+
+
+def one_of(*values) -> Callable[[Any], bool]:
+    return lambda value: any(value is v or (value == v and type(value) is type(v)) for v in values)
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    valid: str
+    accepts: Callable[[Any], bool]
+
+
+def _choices(*values) -> str:
+    return "one of " + ", ".join("null" if v is None else str(v) for v in values)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("train.global_batch_size", "an integer > 0", integer_at_least(1)),
+    Rule("train.micro_batch_size", "an integer > 0", integer_at_least(1)),
+    Rule("train.eval_batch_size", "an integer > 0", integer_at_least(1)),
+    Rule("train.epochs", "an integer > 0", integer_at_least(1)),
+    Rule("train.max_steps", "null (use train.epochs) or an integer > 0", optional(integer_at_least(1))),
+    Rule("train.log_every", "an integer > 0 (steps)", integer_at_least(1)),
+    Rule("train.save_every", "an integer > 0 (steps; the final state is always saved)", integer_at_least(1)),
+    Rule("train.eval_every", "an integer >= 0 (steps; 0 = only before and after training)", integer_at_least(0)),
+    Rule("train.keep_last", "an integer >= 0 (0 keeps every checkpoint)", integer_at_least(0)),
+    Rule("train.attention_tile", "an integer > 0", integer_at_least(1)),
+    Rule("train.logits_chunk_size", "an integer > 0", integer_at_least(1)),
+    Rule("train.lr", "a number > 0", lambda v: _is_number(v) and v > 0),
+    Rule("train.on_nonfinite", _choices("stop", "skip"), one_of("stop", "skip")),
+    Rule("train.optimizer", _choices(*OPTIMIZERS), one_of(*OPTIMIZERS)),
+    Rule("train.scheduler", _choices(*SCHEDULERS), one_of(*SCHEDULERS)),
+    # YAML reads a bare `no` as false, hence the quotes in the message
+    Rule("train.mixed_precision", 'one of "no" (quoted in YAML), bf16, fp16, auto, null',
+         one_of("no", "bf16", "fp16", "auto", None)),
+    Rule("model.dtype", _choices(*DTYPES), one_of(*DTYPES)),
+    Rule("data.eval_fraction", "a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+)
+
+
+def _batch_sizes_divide(cfg) -> str | None:
+    global_size = OmegaConf.select(cfg, "train.global_batch_size")
+    micro = OmegaConf.select(cfg, "train.micro_batch_size")
+    if _is_int(global_size) and _is_int(micro) and micro > 0 and global_size % micro:
+        return (f"train.global_batch_size={global_size} is not a multiple of train.micro_batch_size={micro} "
+                "(global = micro x processes x accumulation steps)")
+    return None
+
+
+# checks that involve several keys; each returns a message or None
+JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide,)
+
+
+def check_config(cfg) -> None:
+    """Raise ConfigError listing every rule the config breaks."""
+    problems = []
+    for rule in RULES:
+        value = OmegaConf.select(cfg, rule.key, default=_ABSENT, throw_on_missing=False)
+        if value is not _ABSENT and not rule.accepts(value):
+            problems.append(f"{rule.key}={value!r} is invalid: valid values are {rule.valid}")
+    problems += [message for check in JOINT_RULES if (message := check(cfg))]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+# Keys (and key prefixes) a resumed run may change: where the run lives and how it is watched, its length,
+# and settings that change speed or memory but not the numbers (a global batch gives the same update however
+# it is split into micro-batches; chunk and tile sizes are exact). Everything else must match the checkpoint.
+RESUME_MAY_CHANGE = (
+    "output_dir", "resume", "export",
+    "train.max_steps", "train.epochs",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.eval_batch_size",
+    "train.progress_bar", "train.plot", "train.trackers", "train.wandb_mode", "train.project",
+    "train.micro_batch_size", "train.logits_chunk_size", "train.logits_keep_mb", "train.attention_tile",
+    "model.gradient_checkpointing", "data.num_proc", "reference.cache_dir",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def check_resume_compatible(saved: dict | None, current: dict, checkpoint: str) -> None:
+    """Refuse to resume ``checkpoint`` (whose resolved config is ``saved``) under a config that differs in a key
+    outside RESUME_MAY_CHANGE, naming each such key with both values."""
+    if saved is None:
+        raise ConfigError(f"{checkpoint} records no config, so it cannot be checked against this run's; resume from "
+                          "a checkpoint written by this version of tunelab")
+    old, new = _flatten(saved), _flatten(current)
+    missing = "(absent)"
+    differ = [f"{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} now"
+              for key in sorted(set(old) | set(new))
+              if old.get(key, missing) != new.get(key, missing) and not _may_change(key)]
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written with another config ("
+            + "; ".join(differ) + "). A resumed run may change only " + ", ".join(RESUME_MAY_CHANGE)
+            + "; to change the others start a new run (another output_dir, without resume)"
+        )
