@@ -1,17 +1,25 @@
-"""Row schemas -> canonical conversations.
+"""Row schemas -> canonical conversations, and which schema a source's columns are in.
 
-A conversation is a list of turns ``{"role": "system"|"user"|"assistant", "content": str}``; a user turn may
-carry a separate ``input`` (the alpaca field) that chat templates append to the content and the alpaca
-template renders in its own section. Every converter raises ``RowError`` with the reason; the caller adds
-the file and row.
+A conversation is a list of turns ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``; a user turn
+may carry a separate ``input`` (the alpaca field) that chat templates append to the content and the alpaca
+template renders in its own section; ``tool`` turns (a tool's output) are context rendered by the tokenizer's
+chat template. Every converter raises ``RowError`` with the reason; the caller adds the file and row.
 
-SFT formats:  alpaca (instruction/input/output), messages (list of role/content), prompt_completion.
+SFT formats:  alpaca (instruction/input/output), messages (list of role/content), prompt_completion, sharegpt
+(``conversations`` of from/value turns, LLaMA-Factory's role names).
 Pair formats: pairwise_strings (prompt/chosen/rejected strings), pairwise_messages (the
 HuggingFaceH4/ultrafeedback_binarized schema: ``chosen``/``rejected`` are full conversations sharing the
-prompt turns; an optional ``prompt`` string is ignored in favour of the shared turns).
+prompt turns; an optional ``prompt`` string is ignored in favour of the shared turns), hh_rlhf (Anthropic's
+``chosen``/``rejected`` transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...").
+``detect_format`` picks the one format a source's columns fit (``format: auto``). docs/data_formats.md has an
+example row of each.
 """
 
 from __future__ import annotations
+
+import re
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class RowError(ValueError):
@@ -36,8 +44,8 @@ def _turns(value, key: str) -> list[dict]:
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise RowError(f"{key}[{i}] must be a {{role, content}} mapping")
-        if turn["role"] not in ("system", "user", "assistant"):
-            raise RowError(f"{key}[{i}] has unknown role {turn['role']!r}")
+        if turn["role"] not in ROLES:
+            raise RowError(f"{key}[{i}] has unknown role {turn['role']!r}; valid: {', '.join(ROLES)}")
         if not isinstance(turn["content"], str):
             raise RowError(f"{key}[{i}].content must be a string")
         turns.append({"role": turn["role"], "content": turn["content"]})
@@ -49,14 +57,20 @@ def alpaca(row: dict) -> list[dict]:
     return [user, {"role": "assistant", "content": _text(row, "output")}]
 
 
-def messages(row: dict) -> list[dict]:
-    turns = _turns(row.get("messages"), "messages")
-    assistant = [t for t in turns if t["role"] == "assistant"]
-    if not assistant:
+def _trainable(turns: list[dict]) -> list[dict]:
+    if not any(t["role"] == "assistant" for t in turns):
         raise RowError("conversation has no assistant turn to train on")
-    if any(not t["content"].strip() for t in assistant):
+    if turns[-1]["role"] != "assistant":
+        # templates render up to the last assistant reply, so a trailing turn would vanish without a trace
+        raise RowError(f"conversation ends with a {turns[-1]['role']} turn; the last turn must be the assistant's "
+                       "reply (remove the trailing turn or add its reply)")
+    if any(t["role"] == "assistant" and not t["content"].strip() for t in turns):
         raise RowError("an assistant turn is empty")
     return turns
+
+
+def messages(row: dict) -> list[dict]:
+    return _trainable(_turns(row.get("messages"), "messages"))
 
 
 def prompt_completion(row: dict) -> list[dict]:
@@ -82,11 +96,118 @@ def pairwise_messages(row: dict) -> tuple[list[dict], dict, dict]:
         raise RowError("chosen and rejected must end with an assistant turn")
     if not chosen[:-1]:
         raise RowError("chosen/rejected have no prompt turns")
+    if not any(t["role"] == "user" for t in chosen[:-1]):
+        roles = ", ".join(t["role"] for t in chosen[:-1])
+        raise RowError(f"the prompt turns ({roles}) have no user turn: nothing asks for the responses")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns[-1]["content"].strip():
             raise RowError(f"{name} response is empty")
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
-SFT_FORMATS = {"alpaca": alpaca, "messages": messages, "prompt_completion": prompt_completion}
-PAIR_FORMATS = {"pairwise_strings": pairwise_strings, "pairwise_messages": pairwise_messages}
+# ShareGPT role names (``from``) as LLaMA-Factory's sharegpt loader defines them, plus the original ShareGPT dumps'
+# "chatgpt"/"user"/"assistant": a function_call turn is the assistant asking for a tool (trained like any reply,
+# as the text the data holds); observation/tool/function turns are the tool's answer (context).
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "function_call": "assistant",
+    "system": "system",
+    "observation": "tool", "tool": "tool", "function": "tool",
+}
+
+
+def sharegpt(row: dict) -> list[dict]:
+    value = row.get("conversations")
+    if not isinstance(value, list) or not value:
+        raise RowError("field 'conversations' must be a non-empty list of {from, value} turns")
+    if row.get("tools"):
+        raise RowError("the row defines tools ('tools' column), which the templates cannot render; put the tool "
+                       "definitions in the system prompt or drop the column")
+    turns = []
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RowError(f"field 'system' must be a string, got {type(system).__name__}")
+    if system and system.strip():
+        turns.append({"role": "system", "content": system})
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"conversations[{i}] must be a {{from, value}} mapping")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise RowError(f"conversations[{i}] has unknown speaker {turn['from']!r}; valid: "
+                           f"{', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise RowError(f"conversations[{i}].value must be a string")
+        turns.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return _trainable(turns)
+
+
+_SPEAKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _transcript(row: dict, key: str) -> list[dict]:
+    text = _text(row, key)
+    parts = _SPEAKER.split(text)  # [before, speaker, content, speaker, content, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError(f"field {key!r} is not a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
+    return [{"role": _HH_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def hh_rlhf(row: dict) -> tuple[list[dict], dict, dict]:
+    chosen, rejected = _transcript(row, "chosen"), _transcript(row, "rejected")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise RowError(f"the {name} transcript ends with a Human turn, not the Assistant's response")
+        if not turns[-1]["content"]:
+            raise RowError(f"{name} response is empty")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("the chosen and rejected transcripts differ before their final Assistant turn")
+    if not any(t["role"] == "user" for t in chosen[:-1]):
+        raise RowError("the transcripts have no Human turn before the final response")
+    return chosen[:-1], chosen[-1], rejected[-1]
+
+
+SFT_FORMATS = {"alpaca": alpaca, "messages": messages, "prompt_completion": prompt_completion, "sharegpt": sharegpt}
+PAIR_FORMATS = {"pairwise_strings": pairwise_strings, "pairwise_messages": pairwise_messages, "hh_rlhf": hh_rlhf}
+
+
+
+# ---- format auto-detection ---------------------------------------------------------------------------------------
+# The columns (and their kinds: a string, or a list of turn mappings) each format reads.
+FORMAT_FIELDS = {
+    "alpaca": {"instruction": "string", "input": "string", "output": "string"},
+    "messages": {"messages": "turns"},
+    "prompt_completion": {"prompt": "string", "completion": "string"},
+    "sharegpt": {"conversations": "turns"},
+    "pairwise_strings": {"prompt": "string", "chosen": "string", "rejected": "string"},
+    "pairwise_messages": {"chosen": "turns", "rejected": "turns"},
+    "hh_rlhf": {"chosen": "string", "rejected": "string"},
+}
+OPTIONAL_FIELDS = ("system", "tools")  # sharegpt's per-row system prompt and tool definitions
+
+
+def _describe(name: str) -> str:
+    return f"{name} ({', '.join(f'{c}: {k}' for c, k in FORMAT_FIELDS[name].items())})"
+
+
+def detect_format(column_kinds: dict[str, str | None], first_row: dict, kind: str) -> tuple[str, str]:
+    """(format, why) for a source whose columns have these kinds ("string", "turns" or None for anything else).
+
+    Exactly one of the formats for ``kind`` ('sft' or 'pairs') must fit, else a RowError lists the candidates:
+    a guess between two readings of the same columns could train on the wrong fields. Transcript strings
+    (hh_rlhf) and plain response strings share column kinds, so the first row's ``chosen`` tells them apart.
+    """
+    table = PAIR_FORMATS if kind == "pairs" else SFT_FORMATS
+    fits = [name for name in table
+            if all(column_kinds.get(col) == want for col, want in FORMAT_FIELDS[name].items())]
+    if "hh_rlhf" in fits and not _SPEAKER.match(str(first_row.get("chosen") or "")):
+        fits.remove("hh_rlhf")
+    if len(fits) == 1:
+        return fits[0], "columns " + ", ".join(FORMAT_FIELDS[fits[0]])
+    found = ", ".join(f"{c}: {k or 'other'}" for c, k in column_kinds.items()) or "none"
+    if not fits:
+        raise RowError(f"its columns ({found}) fit none of the {kind} formats: "
+                       f"{'; '.join(_describe(name) for name in table)}. Set the source's format, or rename "
+                       "columns with `columns: {<field>: <your column>}`")
+    raise RowError(f"its columns ({found}) fit several formats: {', '.join(fits)}; set the source's format to one")

@@ -1,9 +1,11 @@
 """Recipe ``data`` block -> tokenized train and eval datasets, with counts of what was dropped and why.
 
-Steps: load each source; keep its ``weight`` fraction of rows (alignment-handbook's dataset_mixer semantics:
-0.5 keeps a seeded half, 2.0 repeats it twice); split off eval rows (a source's own ``eval_split``, else a
-seeded ``eval_fraction``); tokenize with prompt masking; drop and count bad or over-long rows; then run the
-data stages the recipe names (e.g. SFTMix confidence split, MCTune controls).
+Steps: load each source (its ``columns`` renamed; ``format: auto``, the default, picks the one format its columns
+fit and logs it); keep its ``weight`` fraction of rows (alignment-handbook's dataset_mixer semantics: 0.5 keeps a
+seeded half, 2.0 repeats it twice); split off eval rows (a source's own ``eval_split``, else a seeded
+``eval_fraction``); drop and count pairs whose chosen and rejected responses are the same text; tokenize with
+prompt masking; drop and count bad or over-long rows; then run the data stages the recipe names (e.g. SFTMix
+confidence split, MCTune controls).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import logging
 from collections import Counter
 
 import datasets
+import pyarrow as pa
 from omegaconf import OmegaConf
 
 import data.mctune  # noqa: F401  (registers the mctune stage)
 import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
+from data.formats import PAIR_FORMATS, RowError, detect_format
 from data.sources import load_rows
 from data.stages import stages_at
 from data.templates import build_template
@@ -41,8 +45,57 @@ def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.D
     return parts["train"], parts["test"]
 
 
+def _column_kind(arrow_type) -> str | None:
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "string"
+    if (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) and pa.types.is_struct(
+            arrow_type.value_type):
+        return "turns"
+    return None
+
+
+def _resolve_format(spec, rows: datasets.Dataset, kind: str) -> str:
+    """The source's ``format``; for ``auto`` (or none given) the one format its columns fit, logged."""
+    fmt = spec.get("format") or "auto"
+    if fmt != "auto":
+        return fmt
+    schema = rows.features.arrow_schema
+    kinds = {field.name: _column_kind(field.type) for field in schema if field.name not in ("_source", "_row")}
+    try:
+        fmt, why = detect_format(kinds, rows[0] if len(rows) else {}, kind)
+    except RowError as err:
+        raise ValueError(f"source {spec.path} (format: auto): {err}") from None
+    log.info("%s: format auto -> %s (%s)", spec.path, fmt, why)
+    return fmt
+
+
+def _same_responses(row: dict, converter) -> bool:
+    try:
+        _, chosen, rejected = converter(row)
+    except RowError:
+        return False  # a bad row: tokenization reports it with its reason
+    return chosen["content"] == rejected["content"]
+
+
+def _drop_identical_pairs(ds, spec, data_cfg, counts: Counter, split: str):
+    """A pair whose responses are one text has no preference in it: a pairwise loss gets a constant with zero
+    gradient from it, yet it counts in the batch's pairs and thins every other pair's weight."""
+    if spec.format not in PAIR_FORMATS or len(ds) == 0:
+        return ds  # an unknown format is reported by tokenization, with the valid ones
+    kept = ds.filter(lambda row: not _same_responses(row, PAIR_FORMATS[spec.format]),
+                     num_proc=data_cfg.get("num_proc") or None, desc=f"identical pairs {spec.path} ({split})")
+    dropped = len(ds) - len(kept)
+    if dropped:
+        counts[f"{split}/identical"] += dropped
+        log.warning("%s (%s): dropped %d pairs whose chosen and rejected responses are identical", spec.path,
+                    split, dropped)
+    return kept
+
+
 def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: Counter, split: str):
     fmt = spec.format
+    if kind == "pairs":
+        ds = _drop_identical_pairs(ds, spec, data_cfg, counts, split)
     columns = [c for c in ds.column_names if c not in ("_source", "_row")]
     ds = ds.map(
         tokenize_row,
@@ -78,6 +131,7 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
         spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True))
         rows, unreadable = load_rows(spec, data_cfg.on_error)
         counts["train/unreadable"] += unreadable
+        spec.format = _resolve_format(spec, rows, kind)
         rows = _apply_weight(rows, float(spec.get("weight", 1.0)), seed + i)
         if spec.get("eval_split"):
             eval_rows, _ = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)

@@ -224,3 +224,52 @@ def test_two_ranks_hold_the_same_preference_data(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "(same on 2 ranks)" in log, log[-4000:]
+
+
+# ---- files that are not rows: named, with what was expected ----------------------------------------------------
+LATIN1_ROW = '{"instruction": "Caf\xe9 order", "input": "", "output": "ok"}\n'.encode("latin-1")
+
+
+def test_non_utf8_json_lines_name_the_line_or_are_skipped(tok, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode() + LATIN1_ROW + (json.dumps(GOOD) + "\n").encode())
+    with pytest.raises(DataFileError, match=r"latin1\.jsonl:2: byte 0xe9 at column 21 is not UTF-8 text"):
+        build_datasets(data_cfg(sources=[{"path": str(path), "format": "alpaca"}]), tok, "sft", 0)
+    train, _, counts = build_datasets(data_cfg(sources=[{"path": str(path), "format": "alpaca"}], on_error="skip"),
+                                      tok, "sft", 0)
+    assert len(train) == 2 and counts["train/unreadable"] == 1 and train["_row"] == [1, 3]
+
+
+def test_non_utf8_json_list_is_refused_as_a_whole_file_with_its_line(tok, tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b"[" + json.dumps(GOOD).encode() + b",\n" + LATIN1_ROW.rstrip() + b"]\n")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataFileError, match=r"latin1\.json:2: byte 0xe9 is not UTF-8 .* cannot skip it"):
+            build_datasets(data_cfg(sources=[{"path": str(path), "format": "alpaca"}], on_error=on_error),
+                           tok, "sft", 0)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.jsonl", "", r"empty\.jsonl is empty: expected JSON lines"),
+    ("blank.jsonl", "\n  \n", r"blank\.jsonl is empty: expected JSON lines"),
+    ("empty.json", "[]", r"empty\.json is empty \(an empty list\)"),
+    ("object.json", json.dumps(GOOD, indent=2),
+     r"object\.json holds a single JSON object \(keys: instruction, input, output\); expected JSON lines"),
+])
+def test_files_without_rows_say_what_they_hold(tok, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataFileError, match=message):
+        build_datasets(data_cfg(sources=[{"path": str(path), "format": "alpaca"}]), tok, "sft", 0)
+
+
+def test_conversation_ending_in_a_user_turn_is_a_bad_row(tok, tmp_path):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    trailing = {"messages": good["messages"] + [{"role": "user", "content": "And then?"}]}
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [good, trailing, good])
+    with pytest.raises(ValueError, match=r"chat\.jsonl row 2: conversation ends with a user turn"):
+        build_datasets(data_cfg(sources=[{"path": str(path), "format": "messages"}]), tok, "sft", 0)
+    train, _, counts = build_datasets(data_cfg(sources=[{"path": str(path), "format": "messages"}], on_error="skip"),
+                                      tok, "sft", 0)
+    assert len(train) == 2 and counts["train/error"] == 1

@@ -143,3 +143,26 @@ def test_pair_format_on_sft_data_is_an_error(tok, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [string_row()])
     with pytest.raises(KeyError, match="valid: pairwise_strings, pairwise_messages"):
         build_datasets(data_cfg(path, "alpaca"), tok, "pairs", 0)
+
+
+def test_pair_prompt_of_assistant_turns_only_is_a_bad_row(tok, tmp_path):
+    bad = ultrafeedback_row(history=[{"role": "assistant", "content": "Welcome."}])
+    for side in ("chosen", "rejected"):
+        bad[side] = [bad[side][0], bad[side][-1]]  # the assistant greeting and the response: no user turn
+    path = write_jsonl(tmp_path / "bad.jsonl", [ultrafeedback_row(), bad])
+    with pytest.raises(ValueError, match=r"bad\.jsonl row 2: the prompt turns \(assistant\) have no user turn"):
+        build_datasets(data_cfg(path, "pairwise_messages"), tok, "pairs", 0)
+
+
+def test_identical_chosen_and_rejected_are_dropped_and_counted(tok, tmp_path, caplog):
+    same = {"prompt": "Say hi.", "chosen": "hi", "rejected": "hi"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [string_row(0), same, string_row(1), same])
+    with caplog.at_level("WARNING"):
+        train, _, counts = build_datasets(data_cfg(path, "pairwise_strings"), tok, "pairs", 0)
+    assert len(train) == 2 and counts["train/identical"] == 2 and counts["train/ok"] == 2
+    assert train["_row"] == [1, 3]
+    assert "dropped 2 pairs whose chosen and rejected responses are identical" in caplog.text
+    uf_same = ultrafeedback_row(good="Blue.", bad="Blue.")
+    path = write_jsonl(tmp_path / "uf.jsonl", [ultrafeedback_row(), uf_same])
+    train, _, counts = build_datasets(data_cfg(path, "pairwise_messages"), tok, "pairs", 0)
+    assert len(train) == 1 and counts["train/identical"] == 1
