@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg
 
 from trainers import trainer as trainer_module
-from trainers.config_check import ConfigError, check_config
+from trainers.config_check import ConfigError, check_config, check_resume_compatible
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +74,13 @@ def test_absent_and_unknown_keys_are_left_alone():
                                           if f.endswith(".yaml")))
 def test_every_shipped_recipe_passes(recipe):
     check_config(make_cfg([f"recipe={recipe}"], fast=False))
+
+
+def test_resume_compatibility_names_each_differing_key_and_counts_an_absent_key_as_null():
+    saved = {"seed": 1, "output_dir": "a", "train": {"lr": 0.1, "max_steps": 5}, "model": {"dtype": "float32"}}
+    check_resume_compatible(saved, {**saved, "output_dir": "b", "train": {"lr": 0.1, "max_steps": 9, "added": None}},
+                            "ckpt")
+    with pytest.raises(ConfigError, match=r"cannot resume from ckpt: it was written with another config \(train."
+                                          r"added: None in the checkpoint, True now; train.lr: 0.1 in the "
+                                          r"checkpoint, 0.2 now\)"):
+        check_resume_compatible(saved, {**saved, "train": {"lr": 0.2, "max_steps": 5, "added": True}}, "ckpt")

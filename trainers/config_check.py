@@ -137,11 +137,10 @@ def check_resume_compatible(saved: dict | None, current: dict, checkpoint: str) 
     if saved is None:
         raise ConfigError(f"{checkpoint} records no config, so it cannot be checked against this run's; resume from "
                           "a checkpoint written by this version of tunelab")
+    # a key absent on one side counts as null: keys added since the checkpoint was written default to off
     old, new = _flatten(saved), _flatten(current)
-    missing = "(absent)"
-    differ = [f"{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} now"
-              for key in sorted(set(old) | set(new))
-              if old.get(key, missing) != new.get(key, missing) and not _may_change(key)]
+    differ = [f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now"
+              for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and not _may_change(key)]
     if differ:
         raise ConfigError(
             f"cannot resume from {checkpoint}: it was written with another config ("
