@@ -146,6 +146,7 @@ class Collator:
             "input_ids": input_ids,
             "position_ids": position_ids,
             "attention_mask": attention_mask(doc_ids, branch_ids),
+            "doc_ids": doc_ids,  # [rows, L] document of each position, -1 = padding
             "target_index": target[:, 0],
             "target_ids": target[:, 1],
             "target_seq": target[:, 2],

@@ -30,6 +30,7 @@ from trainers.config_check import check_config, check_resume_compatible
 from trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
 from trainers.export import export_model
 from trainers.forward import CausalLMWithLogProbs
+from trainers.input_noise import InputNoise
 from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, build_tokenizer
 from trainers.optim import build_optimizer, build_scheduler
@@ -142,6 +143,7 @@ class Trainer:
 
         self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
+        self.input_noise = InputNoise(train, model, self.tokenizer, self.kind, self.total_steps, cfg.seed)
         policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20),
                                       attention_tile=train.attention_tile)
         optimizer = build_optimizer(policy.parameters(), train, self.precision.compensated_updates)
@@ -196,8 +198,9 @@ class Trainer:
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = 0
         self.policy.train()
-        for batch in batches:
-            with acc.accumulate(self.policy):
+        for micro, batch in enumerate(batches):
+            with acc.accumulate(self.policy), \
+                    self.input_noise.applied(batch, self.step, acc.process_index, micro) as batch:
                 loss, metrics = self._forward_loss(batch, counts)
                 # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over ranks:
                 # undo both so the gradient is that of the global-batch mean.
