@@ -22,7 +22,7 @@ import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_p
 from data.formats import PAIR_FORMATS, RowError, detect_format
 from data.sources import load_rows
 from data.stages import stages_at
-from data.templates import build_template
+from data.templates import build_template, formatting_options
 from data.tokenize import tokenize_row, validate_data_config
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
     validate_data_config(data_cfg, kind)
     if data_cfg.on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error={data_cfg.on_error!r}; valid: raise, skip")
-    template = build_template(data_cfg.template, tokenizer)
+    template = build_template(data_cfg.template, tokenizer, **formatting_options(data_cfg))
     counts: Counter = Counter()
     train_parts, eval_parts = [], []
     for i, spec in enumerate(data_cfg.sources):

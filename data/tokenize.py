@@ -1,7 +1,8 @@
 """Canonical rows -> tokenized examples, with prompt masking, truncation and bad-row handling.
 
 SFT example:  ``input_ids`` and ``target_mask`` (1 on assistant tokens, EOS included; 0 on system/user
-turns). Pair example: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (responses end in EOS).
+turns). Pair example: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (responses end with the end-of-turn token,
+or as ``data.trailing_text`` / ``data.final_eos`` say; data/templates.py).
 
 Truncation policy (``data.truncation``), checked with the lengths by ``validate_data_config`` before any data is
 read:
@@ -69,7 +70,7 @@ def sft_example(row: dict, fmt: str, template, tokenizer, max_length: int, trunc
 
 def _response_ids(template, tokenizer, prompt_turns, reply) -> tuple[list[int], list[int]]:
     ids, mask = encode_segments(tokenizer, template.segments(prompt_turns + [reply]))
-    last = len(mask) - mask[::-1].index(1)  # drop context tokens after the final EOS
+    last = len(mask) - mask[::-1].index(1)  # drop context tokens after the final response
     start = last  # the response is the final assistant turn; earlier assistant turns are prompt context
     while start > 0 and mask[start - 1]:
         start -= 1
