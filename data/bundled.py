@@ -89,6 +89,8 @@ def _first_letter(rng):
     words = _pick(rng, WORDS, rng.randint(2, 5))
     right = " ".join(w[0] for w in words)
     wrong = " ".join(w[-1] for w in words)
+    if wrong == right:  # only words that end in their first letter ("river window"): the order is the mistake
+        wrong = " ".join(w[0] for w in reversed(words))
     return ("Write the first letter of each word.", " ".join(words), right, wrong)
 
 

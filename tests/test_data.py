@@ -157,10 +157,17 @@ for config, kind in (("bundled_sft", "sft"), ("bundled_pref", "pairs")):
     cfg.sources[0].num_rows = 600
     train, evaluation, _ = build_datasets(cfg, tiny_tokenizer(), kind, 42)
     out[config] = [dataset_fingerprint(train), dataset_fingerprint(evaluation)]
+cfg = OmegaConf.load(f"{sys.argv[1]}/recipes/data/bundled_sft.yaml")  # MCTune's control tags are sampled per row
+cfg.sources = [{"path": "bundled:varied_instructions", "format": "alpaca", "num_rows": 200}]
+cfg.max_length, cfg.max_prompt_length = 1024, 900
+cfg.stages = [{"name": "mctune", "max_num_tags": 5, "quantize": "1to5"}]
+train, evaluation, _ = build_datasets(cfg, tiny_tokenizer(), "sft", 42)
+out["mctune"] = [dataset_fingerprint(train), dataset_fingerprint(evaluation)]
 print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_bundled_data_and_pipeline_output_do_not_depend_on_the_hash_seed():
     import os
     import subprocess
@@ -168,15 +175,27 @@ def test_bundled_data_and_pipeline_output_do_not_depend_on_the_hash_seed():
 
     from tests.conftest import ROOT
 
-    def fingerprints(hash_seed: str) -> dict:
-        proc = subprocess.run([sys.executable, "-c", FINGERPRINTS_SCRIPT, ROOT], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    first, second = fingerprints("1"), fingerprints("2")
-    assert set(first) == {"instructions", "preferences", "varied_instructions", "bundled_sft", "bundled_pref"}
+    procs = [subprocess.Popen([sys.executable, "-c", FINGERPRINTS_SCRIPT, ROOT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+             for hash_seed in ("1", "2")]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    first, second = results
+    assert set(first) == {"instructions", "preferences", "varied_instructions", "bundled_sft", "bundled_pref",
+                          "mctune"}
     assert first == second
+
+
+def test_bundled_pairs_always_differ():
+    from data.bundled import preference_rows
+
+    rows = preference_rows(20000)
+    assert not [r for r in rows if r["chosen"] == r["rejected"]]
+    # the one task whose mistake could equal the answer: words ending in their first letter, order reversed
+    assert {"prompt": "Write the first letter of each word.\nwindow river", "chosen": "w r", "rejected": "r w"} in rows
 
 
 def test_fingerprint_follows_content_not_construction():
