@@ -42,6 +42,7 @@ BAD = [  # (override, what the message must say)
     ("train.mixed_precision=false", "train.mixed_precision=False is invalid: .*\"no\" \\(quoted in YAML\\)"),
     ("train.keep_last=-1", "train.keep_last=-1 is invalid: valid values are an integer >= 0"),
     ("train.epochs=0", "train.epochs=0 is invalid: valid values are an integer > 0"),
+    ("resume=latest", "resume=latest needs output_dir=<the run to continue>"),
 ]
 
 
@@ -52,10 +53,12 @@ def test_bad_value_is_refused_at_start_up_naming_the_key(tmp_path, monkeypatch, 
 
     for name in ("init_state", "build_tokenizer", "build_datasets", "build_model"):
         monkeypatch.setattr(trainer_module, name, too_late)
-    cfg = make_cfg([f"output_dir={tmp_path / 'run'}", override])
+    output_dir = [] if override.startswith("resume") else [f"output_dir={tmp_path / 'run'}"]
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg([*output_dir, override])
     with pytest.raises(ConfigError, match=message):
         trainer_module.Trainer(cfg)
-    assert not os.path.exists(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "runs")
 
 
 def test_every_problem_is_reported_at_once():

@@ -88,8 +88,15 @@ def _batch_sizes_divide(cfg) -> str | None:
     return None
 
 
+def _latest_needs_a_run(cfg) -> str | None:
+    if OmegaConf.select(cfg, "resume") == "latest" and not OmegaConf.select(cfg, "output_dir"):
+        return ("resume=latest needs output_dir=<the run to continue> (without it a new, empty run directory is "
+                "made); resume=auto starts fresh there instead")
+    return None
+
+
 # checks that involve several keys; each returns a message or None
-JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide,)
+JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run)
 
 
 def check_config(cfg) -> None:
