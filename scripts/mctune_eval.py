@@ -199,9 +199,9 @@ def load_model(cfg, which: str, device: str):
 def prompt_ids(rows, cfg, tokenizer, tags_in_prompt: bool) -> list[list[int]]:
     """Token ids of each row's prompt, rendered and tokenized as the training pipeline does."""
     from data.formats import alpaca
-    from data.templates import build_template, encode_segments
+    from data.templates import build_template, encode_segments, formatting_options
 
-    template = build_template(cfg.data.template, tokenizer)
+    template = build_template(cfg.data.template, tokenizer, **formatting_options(cfg.data))
     out = []
     for row in rows:
         row = dict(row)
