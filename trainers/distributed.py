@@ -14,8 +14,8 @@ geometry is ours:
   only, since the trainer feeds it micro-batches itself), ``gradient_clipping`` from ``train.max_grad_norm``.
   A DeepSpeed JSON file (``--deepspeed_config_file``) may leave these ``auto``; numbers that disagree with the
   recipe are an error rather than a silently different run.
-- Mixed precision: ``train.mixed_precision`` (``no | bf16 | fp16``) decides; ``auto`` (or null) takes the
-  launcher's (``mixed_precision`` of the accelerate config file, or ``--mixed_precision``).
+- Mixed precision: the Accelerator gets what ``trainers/precision.py`` resolved from ``model.dtype`` and
+  ``train.mixed_precision`` (``auto`` or null there takes the launcher's ``mixed_precision``).
 """
 
 from __future__ import annotations
@@ -74,18 +74,6 @@ def _skip_shm_kernel() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def resolve_mixed_precision(value) -> str | None:
-    """The precision the Accelerator gets: the recipe's unless it says auto/null (then None: the launcher's)."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if value in (None, "auto"):
-        return None
-    value = str(value)
-    if launcher and launcher != value:
-        log.warning("the launcher asks for mixed_precision=%s but train.mixed_precision=%s wins; set "
-                    "train.mixed_precision=auto to follow the launcher", launcher, value)
-    return value
-
-
 def _check_explicit(config: dict, key: str, ours, hint: str) -> None:
     value = config.get(key)
     if value is None or value == "auto":
@@ -116,7 +104,7 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, train_cfg, accumulation: int, n
     return config
 
 
-def build_accelerator(train_cfg, state: PartialState, accumulation: int, project_dir: str,
+def build_accelerator(train_cfg, state: PartialState, accumulation: int, project_dir: str, mixed_precision: str,
                       log_with=None) -> Accelerator:
     deepspeed = state.distributed_type == DistributedType.DEEPSPEED
     plugin = None
@@ -129,7 +117,7 @@ def build_accelerator(train_cfg, state: PartialState, accumulation: int, project
         plugin = DeepSpeedPlugin()  # from the launcher's environment, as Accelerate itself would build it
         configure_deepspeed(plugin, train_cfg, accumulation, state.num_processes)
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=accumulation, cpu=state.device.type == "cpu" and not deepspeed,
         deepspeed_plugin=plugin, log_with=log_with, project_dir=project_dir,
     )

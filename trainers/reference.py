@@ -1,12 +1,19 @@
 """Reference-model strategies for losses that declare ``Needs(reference=True)``.
 
 - ``precomputed``: before training, the initial model scores every train and eval example once; the per-
-  sequence log-probs are cached on disk under a key made of the model's config, a fingerprint of its weights
-  and the tokenized dataset's fingerprint (so a changed model or dataset misses the cache), and travel with the
-  examples as a ``ref_logps`` column. Training then runs a single model.
+  sequence log-probs are cached on disk under a key made of everything that changes them (``cache_key``: the
+  resolved model and data configs, the precision the policy runs in, the scoring batch, chunk and tile sizes,
+  the number of processes, a fingerprint of the weights and of the tokenized dataset), so a changed setting
+  recomputes; they travel with the examples as a ``ref_logps`` column. Training then runs a single model.
 - ``frozen_copy``: a frozen copy of the initial model scores each batch. Under ZeRO-3 the copy is sharded too:
   it runs in a second, optimizer-less DeepSpeed engine, so it costs each rank 1/N of the model.
 - ``adapter_disabled``: the policy itself with its LoRA adapter switched off (no second copy in memory).
+
+Every strategy scores at the policy's precision, so that a reference equal to the policy gives equal log-probs:
+``precomputed`` and ``adapter_disabled`` run the prepared policy itself; the frozen copy is taken after the
+policy's weights are in their training dtype (trainers/precision.py), takes the dtypes DeepSpeed gives the
+prepared policy's parameters, and runs under the Accelerator's autocast, which the prepared policy's forward
+carries and an unprepared module would not.
 
 Under ZeRO-3 every scoring pass runs the sharded model, which gathers each layer's weights collectively: all
 ranks run the same number of forwards in lockstep (a rank without work scores a dummy batch).
@@ -19,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import nullcontext
 
 import torch
 from accelerate.utils import gather_object
@@ -92,6 +98,15 @@ def score_dataset(accelerator, scorer: CausalLMWithLogProbs, dataset, collator, 
     return [table[i] for i in range(n)]
 
 
+def _match_dtypes(copy_module: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Cast each floating parameter and buffer of ``copy_module`` to the dtype of the same-named one in ``policy``."""
+    target = {name: t.dtype for name, t in [*policy.named_parameters(), *policy.named_buffers()]}
+    for name, tensor in [*copy_module.named_parameters(), *copy_module.named_buffers()]:
+        dtype = target.get(name)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -124,9 +139,14 @@ class Reference:
         if self.strategy == "adapter_disabled" and not cfg.model.lora.enabled:
             raise ValueError("reference.strategy=adapter_disabled needs model.lora.enabled=true")
 
-    def prepare(self) -> None:
-        """After the policy's ``prepare``: under ZeRO-3 the frozen copy becomes a sharded, optimizer-less engine."""
-        if self.copy is None or zero_stage(self.accelerator) != 3:
+    def prepare(self, policy) -> None:
+        """After the policy's ``prepare``: the frozen copy's tensors take the dtypes of the prepared policy's (which
+        DeepSpeed casts to bf16/fp16 in its mixed-precision mode), and under ZeRO-3 it becomes a sharded,
+        optimizer-less engine (cast by DeepSpeed the same way)."""
+        if self.copy is None:
+            return
+        if zero_stage(self.accelerator) != 3:
+            _match_dtypes(self.copy, self.accelerator.unwrap_model(policy))
             return
         import deepspeed
 
@@ -144,15 +164,12 @@ class Reference:
         ``scorer`` is the prepared policy before its first step (under ZeRO-3 every rank must call this)."""
         if self.strategy != "precomputed":
             return datasets
-        model_key = json.dumps(OmegaConf.to_container(self.cfg.model, resolve=True), sort_keys=True)
         out = {}
         for split, ds in datasets.items():
             if ds is None:
                 out[split] = None
                 continue
-            key_text = f"{model_key}|{self.weights}|{content_fingerprint(ds)}|{collator.kind}"
-            key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
-            path = os.path.join(self.cfg.reference.cache_dir, f"{key}.json")
+            path = os.path.join(self.cfg.reference.cache_dir, f"{self.cache_key(ds, collator)}.json")
             # every rank takes the same branch (a rank alone in score_dataset would wait for the others forever):
             # the cache is used only if every rank sees it (nodes may not share a file system)
             hit = [os.path.exists(path)]
@@ -175,12 +192,30 @@ class Reference:
             out[split] = ds.add_column("ref_logps", values)
         return out
 
+    def cache_key(self, dataset, collator) -> str:
+        """Everything that changes the reference log-probs of ``dataset``. The tokenized content already reflects
+        the template and truncation; the data config is in the key too, so that a key never depends on how a
+        setting shows in the tokens. Batch composition changes the packed rows and so the float rounding."""
+        acc, train = self.accelerator, self.cfg.train
+        parts = {
+            "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+            "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+            "precision": {"mixed_precision": str(acc.mixed_precision), "autocast": bool(acc.native_amp),
+                          "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc)},
+            "scoring": {"batch_size": train.eval_batch_size, "logits_chunk_size": train.logits_chunk_size,
+                        "attention_tile": train.attention_tile, "processes": acc.num_processes,
+                        "layout": collator.kind},
+            "weights": self.weights,
+            "content": content_fingerprint(dataset),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
     def attach(self, batch: dict, policy) -> None:
         """For live strategies: put the reference's per-sequence log-probs into the batch."""
         if self.strategy == "precomputed":
             return
         if self.strategy == "frozen_copy":
-            scorer, context = self.copy, nullcontext()
+            scorer, context = self.copy, self.accelerator.autocast()
         else:
             scorer = policy
             context = self.accelerator.unwrap_model(policy).model.disable_adapter()
