@@ -30,6 +30,10 @@ the response content (Gemma's <end_of_turn>, Llama-3's <|eot_id|> when EOS is <|
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
+from data.formats import RowError
+
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -88,9 +92,12 @@ class ChatTemplate:
         self._special = [t for t in tokenizer.all_special_tokens if t]
 
     def _render(self, turns, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            _for_chat_template(turns), tokenize=False, add_generation_prompt=generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                _for_chat_template(turns), tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as err:  # the template's own check of a conversation, e.g. roles must alternate
+            raise RowError(f"the tokenizer's chat template refused this conversation: {err}") from None
 
     def _with_system_turn(self, turns: list[dict]) -> list[dict]:
         template = self.tokenizer.chat_template
@@ -158,7 +165,7 @@ class AlpacaTemplate:
     def prompt(self, turns: list[dict]) -> str:
         users = [t for t in turns if t["role"] == "user"]
         if len(users) != 1 or any(t["role"] == "assistant" for t in turns):
-            raise ValueError("the alpaca template takes exactly one user turn")
+            raise RowError("the alpaca template takes exactly one user turn")
         user = users[0]
         if user.get("input"):
             return ALPACA_WITH_INPUT.format(instruction=user["content"], input=user["input"])
@@ -166,7 +173,7 @@ class AlpacaTemplate:
 
     def segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
         if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise ValueError("the alpaca template needs one user turn followed by one assistant turn")
+            raise RowError("the alpaca template needs one user turn followed by one assistant turn")
         return [(self.prompt(turns[:-1]), False), (turns[-1]["content"] + self.tokenizer.eos_token, True)]
 
 

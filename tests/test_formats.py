@@ -192,3 +192,26 @@ def test_auto_refuses_columns_that_fit_no_format_or_several(tok, tmp_path):
     path = write_jsonl(tmp_path / "both.jsonl", [{**HH_ROW, "prompt": "Reverse the words."}])
     with pytest.raises(ValueError, match="fit several formats: pairwise_strings, hh_rlhf"):
         build_datasets(data_cfg(path), tok, "pairs", 0)
+
+
+# ---- conversations a template cannot render: bad rows, not a traceback without a row -------------------------
+def test_multi_turn_rows_under_the_alpaca_template_are_bad_rows(tok, tmp_path):
+    single = {"conversations": SHAREGPT_CHAT["conversations"][:2]}
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [single, SHAREGPT_CHAT])
+    with pytest.raises(ValueError, match=r"sharegpt\.jsonl row 2: the alpaca template takes exactly one user turn"):
+        build_datasets(data_cfg(path, "sharegpt", template="alpaca"), tok, "sft", 0)
+    train, _, counts = build_datasets(data_cfg(path, "sharegpt", template="alpaca", on_error="skip"), tok, "sft", 0)
+    assert len(train) == 1 and counts["train/error"] == 1
+
+
+def test_a_chat_template_refusing_a_conversation_makes_a_bad_row(tmp_path):
+    strict = tiny_tokenizer()  # a template that, like Mistral-Instruct's, checks the roles it is given
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('Conversation roles must alternate "
+        "user/assistant') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [SHAREGPT_CHAT, SHAREGPT_TOOLS])
+    with pytest.raises(ValueError, match=r"sharegpt\.jsonl row 2: the tokenizer's chat template refused this "
+                                         r"conversation: Conversation roles must alternate user/assistant"):
+        build_datasets(data_cfg(path, "sharegpt"), strict, "sft", 0)
