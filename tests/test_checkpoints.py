@@ -161,6 +161,22 @@ def test_replacing_a_step_folder_never_leaves_a_complete_looking_partial_one(tmp
     assert checkpoint.resolve_resume("latest", out) == step(out, 1)
 
 
+def test_rotation_after_a_fallback_keeps_the_new_checkpoint_over_damaged_later_ones(run_copy, monkeypatch):
+    for n in (2, 3):
+        os.remove(os.path.join(step(run_copy, n), "random_states_0.pkl"))
+    save = checkpoint.save
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):  # resumes from step 1, saves step 2 with keep_last=1, dies
+        trainer(run_copy, *SHORT, "train.keep_last=1", "resume=latest").fit()
+    assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["step_0000002", "step_0000003"]
+    assert checkpoint.resolve_resume("latest", str(run_copy)) == step(run_copy, 2)
+
+
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     from trainers import trainer as trainer_module
 
