@@ -117,6 +117,23 @@ def test_a_bf16_step_at_lr_5e_7_applies_adams_update_to_every_weight(tmp_path):
     assert {p.dtype for p in params.values()} == {torch.float32}
 
 
+@pytest.mark.slow
+def test_bf16_training_lowers_the_eval_loss_like_fp32(tmp_path):
+    """20 steps at lr 1e-5 on the tiny model: the eval-loss decrease with model.dtype=bfloat16 is at least 0.8x the
+    fp32 run's (measured 0.99x; with AdamW on the bf16 weights themselves it was 0.14x)."""
+    def decrease(name: str, overrides: list[str]) -> float:
+        cfg = make_cfg(["train.max_steps=20", "train.lr=1e-5", "train.eval_every=0", "export.enabled=false",
+                        f"output_dir={tmp_path / name}"] + overrides)
+        summary = Trainer(cfg).fit()
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return summary["eval_before"]["loss"] - summary["eval_after"]["loss"]
+
+    fp32 = decrease("fp32", ["model.dtype=float32"])
+    bf16 = decrease("bf16", ["model.dtype=bfloat16", "train.mixed_precision=bf16"])
+    assert fp32 > 0.03 and bf16 >= 0.8 * fp32
+
+
 # ---- pure bf16: Kahan-compensated updates ---------------------------------------------------------------------
 
 def _train_cfg(optimizer="adamw", lr=1e-4, weight_decay=0.0):
