@@ -181,3 +181,17 @@ def test_zero3_dpo_with_sharded_frozen_reference_lora_and_checkpointing(tmp_path
 
     merged = AutoModelForCausalLM.from_pretrained(out / "export")
     assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+@pytest.mark.slow
+def test_zero2_bf16_frozen_reference_scores_like_the_policy(tmp_path):
+    """DeepSpeed's bf16 mode casts the prepared policy's weights to bf16; the frozen copy, made before ``prepare``,
+    takes the same dtypes, so at step 0 (reference == policy) every reward is 0: eval loss log 2 and accuracy 0
+    (0.6932 and 0.4 while the copy stayed float32)."""
+    out = tmp_path / "dpo"
+    train("zero2", out, "recipe=dpo", "reference.strategy=frozen_copy", "train.mixed_precision=bf16",
+          "train.max_steps=1", "data.sources.0.num_rows=200", "export.enabled=false", processes=1)
+    with open(out / "metrics.jsonl") as handle:
+        first_eval = next(r for r in map(json.loads, handle) if r["split"] == "eval")
+    assert first_eval["step"] == 0
+    assert abs(first_eval["loss"] - math.log(2)) < 1e-6 and first_eval["rewards/accuracies"] == 0.0
