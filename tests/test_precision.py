@@ -206,13 +206,16 @@ def test_master_weights_none_trains_bf16_weights_with_the_kahan_optimizer(tmp_pa
 
 # ---- one precision for policy and reference -------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["precomputed", "frozen_copy", "adapter_disabled"])
-def test_step0_dpo_under_bf16_autocast_scores_the_reference_like_the_policy(strategy, tmp_path, cache_dir):
+@pytest.mark.parametrize("strategy, dtype", [
+    ("precomputed", "float32"), ("frozen_copy", "float32"), ("adapter_disabled", "float32"),
+    ("frozen_copy", "bfloat16"), ("adapter_disabled", "bfloat16"),  # fp32 master weights; LoRA: a bf16 base
+])
+def test_step0_dpo_under_bf16_autocast_scores_the_reference_like_the_policy(strategy, dtype, tmp_path, cache_dir):
     """Reference == policy at step 0: every pair's reward margin is 0, so the DPO loss is log 2 and no pair counts
     as correctly ranked. A reference scored at another precision than the policy gives noise around both."""
     lora = ["model.lora.enabled=true"] if strategy == "adapter_disabled" else []
-    cfg = make_cfg(["recipe=dpo", f"reference.strategy={strategy}", "train.mixed_precision=bf16",
-                    "data.sources.0.num_rows=200", f"output_dir={tmp_path}"] + lora)
+    cfg = make_cfg(["recipe=dpo", f"reference.strategy={strategy}", f"model.dtype={dtype}",
+                    "train.mixed_precision=bf16", "data.sources.0.num_rows=200", f"output_dir={tmp_path}"] + lora)
     metrics = Trainer(cfg).evaluate()
     assert abs(metrics["loss"] - math.log(2)) < 1e-6
     assert metrics["rewards/accuracies"] == 0.0
