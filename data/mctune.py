@@ -1,4 +1,4 @@
-"""MCTune control features and control tags (METHODS.md section 8).
+"""MCTune control features and control tags (docs/mctune_notes.md).
 
 MCTune conditions instruction tuning on linguistic features of the ground-truth response: each training
 example gets a few ``[name: value]`` tags appended to its alpaca ``input`` field, and the model learns to write

@@ -1,4 +1,4 @@
-"""SFTMix data side (Xiao et al. 2024, arXiv 2410.05248; METHODS.md section 7): confidence, split, pairing.
+"""SFTMix data side (Xiao et al. 2024, arXiv 2410.05248; docs/methods_sftmix.md): confidence, split, pairing.
 
 Stage 1, confidence. A reference model is trained with plain NTP and keeps several checkpoints. For every
 training example and every chosen checkpoint c, the perplexity of the response given the prompt is

@@ -147,7 +147,7 @@ class PairwiseLoss(Loss):
 def preference_metrics(
     out: ForwardOutputs, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, average_logps: bool
 ) -> dict[str, Metric]:
-    """The rewards/*, logps/* and logits/* metrics every preference loss logs (METHODS.md §2)."""
+    """The rewards/*, logps/* and logits/* metrics every preference loss logs (docs/methods_preference.md (dpo))."""
     logps = out.seq_avg_logps if average_logps else out.seq_logps
     metrics = {
         "rewards/chosen": mean_metric(chosen_rewards),

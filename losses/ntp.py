@@ -2,7 +2,7 @@
 
 L = -(1/|T|) sum_{t in T} log p(y_t | x, y_<t), with T every labelled token of the step (prompt and padding
 carry no label). The mean is over all labelled tokens of the optimizer step, across micro-batches and ranks
-(METHODS.md §1), which the core arranges from the unit ``target_tokens``.
+(docs/methods.md (NTP / SFT)), which the core arranges from the unit ``target_tokens``.
 
 In a preference batch the same term trains on the chosen responses only, which gives "DPO + NLL" (Iterative
 RPO, Pang et al. 2024, arXiv 2404.19733; TRL's ``rpo_alpha``) and ORPO's SFT term by composition.

@@ -1,5 +1,5 @@
 """ORPO: Monolithic Preference Optimization without Reference Model (Hong, Lee & Thorne 2024, arXiv 2403.07691;
-xfactlab/orpo). METHODS.md §6.
+xfactlab/orpo). docs/methods_preference.md (orpo).
 
 With P(y) = exp(avg logp(y)) (per-token average, EOS included) and no reference model:
 

@@ -1,6 +1,6 @@
 """RPO: Regularized Preference Optimization (Liu et al. 2024, "Provably Mitigating Overoptimization in RLHF:
 Your SFT Loss is Implicitly an Adversarial Regularizer", arXiv 2405.16436; YSLIU627/Regularized-Preference-
-Optimization). METHODS.md §4.
+Optimization). docs/methods_preference.md (rpo).
 
 DPO plus eta times an SFT term on the chosen response (the paper's "baseline distribution" instantiated as
 the chosen responses). The authors' repository has two variants:

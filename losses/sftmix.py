@@ -1,4 +1,4 @@
-"""SFTMix's Mixup regularizer (Xiao et al. 2024, arXiv 2410.05248; METHODS.md section 7).
+"""SFTMix's Mixup regularizer (Xiao et al. 2024, arXiv 2410.05248; docs/methods_sftmix.md).
 
 Each training micro-batch holds (confident, unconfident) pairs of SFT examples, placed next to each other by
 the ``sftmix_pairs`` ordering and marked in ``seq_group`` (1 = confident D_c, 0 = unconfident D_u) by the

@@ -1,5 +1,5 @@
 """SimPO: Simple Preference Optimization with a reference-free reward (Meng, Xia & Chen 2024, arXiv 2405.14734;
-princeton-nlp/SimPO). METHODS.md §3.
+princeton-nlp/SimPO). docs/methods_preference.md (simpo).
 
 With per-token average log-probs (avg logp = sum logp / |y|, EOS included) and no reference model:
 
@@ -16,7 +16,7 @@ Rewards (logged, detached) are beta * avg logp, without gamma; ``logps/*`` are p
 ``sft_weight``: the authors' trainer adds ``sft_weight * CE`` where CE is ``nn.CrossEntropyLoss()`` over the
 chosen responses' labels, i.e. a token-mean over every chosen token of the batch, not a mean of per-pair
 means. In tunelab that term is exactly the ``ntp`` loss (in a preference batch it trains on chosen tokens,
-averaged over the step's chosen tokens: METHODS.md §1), which has its own unit, so a recipe composes it:
+averaged over the step's chosen tokens: docs/methods.md (NTP / SFT)), which has its own unit, so a recipe composes it:
 
     loss:
       simpo: {beta: 2.0, gamma_beta_ratio: 0.5}

@@ -1,5 +1,5 @@
 """WPO: Weighted Preference Optimization (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
-Optimization", arXiv 2406.11827; wzhouad/WPO). METHODS.md §5.
+Optimization", arXiv 2406.11827; wzhouad/WPO). docs/methods_preference.md (WPO).
 
 A *pair weighting*, not a loss: it reweights each pair of any pairwise loss (DPO in the paper) by how likely
 the pair is under the current policy, so off-policy data looks more on-policy. Per sequence s and response
@@ -19,7 +19,7 @@ the whole per-pair loss is multiplied (``PairwiseLoss``), which is the same thin
 Clamp at 1: the authors' code clamps the weight at 1 (``torch.clamp(..., max=1)``); TRL's ``use_weighting``
 (1.16) does not, so a TRL weight can exceed 1 when the responses are more likely than the policy's own
 "expected" token probability (sum_v p^2 <= max_v p, so a_{s,t} > 0 is possible under sampled alignment). We
-follow the authors (METHODS.md §5). Under greedy alignment a_{s,t} <= 0, so the clamp never binds.
+follow the authors (docs/methods_preference.md (WPO)). Under greedy alignment a_{s,t} <= 0, so the clamp never binds.
 
 log sum_v p^2 = logsumexp(2z) - 2 logsumexp(z) is computed by the forward pass chunk by chunk (no softmax
 materialised). Logged (the authors' code does not): ``wpo/weight_mean``, ``wpo/weight_min``, ``wpo/weight_max``.

@@ -8,7 +8,7 @@ The run's ``config.yaml`` (or, without ``run_dir``, the Hydra composition of ``r
 given ``recipe=`` / ``model=...`` overrides) supplies the model config, the data sources, the template, the
 seed and the options of the ``mctune`` data stage (``max_num_tags``, ``candidates``, ``quantize``, ``backend``).
 
-Test set (METHODS.md section 8; tianyi-lab/mctune prepare_data.py): the rows of the run's eval split (the same
+Test set (docs/mctune_notes.md; tianyi-lab/mctune prepare_data.py): the rows of the run's eval split (the same
 seeded split the training pipeline makes; ``test_source=<path or bundled:name>`` uses a separate alpaca source,
 ``test_seed`` seeding a bundled generator). Each test row gets its response's features, then the 9 foundational
 features are perturbed jointly, v' = v + N(0, scale^2) * std_f with std_f over the TRAINING split's features,

@@ -450,7 +450,7 @@ def test_mctune_recipes_compose_with_the_paper_numbers():
     assert demo.data.sources[0].path == "bundled:varied_instructions" and demo.data.sources[0].format == "alpaca"
     assert [dict(s) for s in demo.data.stages] == [{"name": "mctune", "max_num_tags": 5, "quantize": "none"}]
 
-    paper = make_cfg(["recipe=mctune_llama2_7b_alpaca_gpt4"], fast=False)  # METHODS.md section 8
+    paper = make_cfg(["recipe=mctune_llama2_7b_alpaca_gpt4"], fast=False)  # docs/mctune_notes.md
     assert (paper.model.source, paper.model.name_or_path) == ("hf", "meta-llama/Llama-2-7b-hf")
     assert paper.data.sources[0].path == "vicgalle/alpaca-gpt4" and paper.data.sources[0].format == "alpaca"
     assert paper.data.template == "alpaca" and paper.data.max_length == 1024
