@@ -3,11 +3,11 @@ Anthropic HH-RLHF transcripts, column renaming, and format auto-detection."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 from omegaconf import OmegaConf
+from test_preference_data import write_jsonl
 
 from data.pipeline import build_datasets
 from trainers.models import tiny_tokenizer
@@ -25,11 +25,6 @@ def data_cfg(path, fmt="auto", **over):
                 num_proc=None)
     base.update(over)
     return OmegaConf.create(base)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def decode_targets(tok, ex):
