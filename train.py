@@ -1,11 +1,14 @@
 """tunelab entry point: `python train.py` or `accelerate launch train.py recipe=<name> [key=value ...]`."""
 
 import logging
+import sys
 
 import hydra
+from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 
 from trainers.distributed import end_process_group
+from trainers.interrupt import TrainingInterrupted
 from trainers.trainer import Trainer
 
 
@@ -15,7 +18,13 @@ def main(cfg) -> None:
     for noisy in ("accelerate", "transformers", "peft", "deepspeed"):  # keep the log to our own lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
-    Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
+    try:
+        Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
+    except TrainingInterrupted as stopped:  # every rank stopped after the same step, with its checkpoint written
+        if PartialState().is_main_process:
+            logging.getLogger("tunelab").warning("%s", stopped)
+        end_process_group()
+        sys.exit(stopped.exit_code)
     end_process_group()
 
 

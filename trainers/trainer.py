@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import time
 
 import torch
@@ -31,6 +32,7 @@ from trainers.distributed import build_accelerator, fill_model_keys, init_state,
 from trainers.export import export_model
 from trainers.forward import CausalLMWithLogProbs
 from trainers.input_noise import InputNoise
+from trainers.interrupt import StopRequest, TrainingInterrupted
 from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, build_tokenizer
 from trainers.optim import build_optimizer, build_scheduler
@@ -294,6 +296,11 @@ class Trainer:
         self.policy.train()
         return {"loss": loss, **accum.reduce(acc)}
 
+    def _interrupted_message(self, signal_number: int, saved: str) -> str:
+        name = signal.Signals(signal_number).name
+        return (f"stopped by {name} after step {self.step}/{self.total_steps}: checkpoint {saved}. To continue, "
+                f"run the same command with output_dir={self.output_dir} resume=latest")
+
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         if self.resume_from:
@@ -312,29 +319,34 @@ class Trainer:
         accum, interval_losses = MetricAccumulator(), []
         last_eval = first_eval
         tracker.start_timer()
-        while self.step < self.total_steps:
-            step_loss = self.train_step(accum)
-            self.step += 1
-            interval_losses.append(step_loss)
-            tracker.step(getattr(self, "_tokens", 0) * acc.num_processes, step_loss)
-            last = self.step == self.total_steps
-            if self.step % cfg.train.log_every == 0 or last:
-                metrics = {"loss": sum(interval_losses) / len(interval_losses), **accum.reduce(acc),
-                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tracker.tokens_per_second()}
-                if self.skipped_steps:
-                    metrics["skipped_steps"] = self.skipped_steps
-                tracker.log(self.step, "train", metrics)
-                self.history.append(metrics)
-                accum, interval_losses = MetricAccumulator(), []
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
-                last_eval = self.evaluate()
-                if last_eval:
-                    tracker.log(self.step, "eval", last_eval)
-            if self.step % cfg.train.save_every == 0 or last:
-                self._refuse_nonfinite_weights(f"the step-{self.step} checkpoint")
-                checkpoint.save(acc, self.output_dir, self.step,
-                                {"step": self.step, "skipped_steps": self.skipped_steps,
-                                 "config": self.resolved_config}, cfg.train.keep_last)
+        with StopRequest().listening() as stop:
+            while self.step < self.total_steps:
+                step_loss = self.train_step(accum)
+                self.step += 1
+                interval_losses.append(step_loss)
+                tracker.step(getattr(self, "_tokens", 0) * acc.num_processes, step_loss)
+                last = self.step == self.total_steps
+                signal_number = 0 if last else stop.agreed(acc)
+                if self.step % cfg.train.log_every == 0 or last or signal_number:
+                    metrics = {"loss": sum(interval_losses) / len(interval_losses), **accum.reduce(acc),
+                               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tracker.tokens_per_second()}
+                    if self.skipped_steps:
+                        metrics["skipped_steps"] = self.skipped_steps
+                    tracker.log(self.step, "train", metrics)
+                    self.history.append(metrics)
+                    accum, interval_losses = MetricAccumulator(), []
+                if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        tracker.log(self.step, "eval", last_eval)
+                if self.step % cfg.train.save_every == 0 or last or signal_number:
+                    self._refuse_nonfinite_weights(f"the step-{self.step} checkpoint")
+                    saved = checkpoint.save(acc, self.output_dir, self.step,
+                                            {"step": self.step, "skipped_steps": self.skipped_steps,
+                                             "config": self.resolved_config}, cfg.train.keep_last)
+                if signal_number:
+                    tracker.close(cfg.train.plot, self.output_dir)
+                    raise TrainingInterrupted(signal_number, self._interrupted_message(signal_number, saved))
         tracker.close(cfg.train.plot, self.output_dir)
         if cfg.export.enabled:
             self._refuse_nonfinite_weights("the export")
