@@ -32,9 +32,9 @@ import time
 
 import torch
 
+from data.fingerprint import dataset_fingerprint
 from data.sampler import ORDERINGS
 from data.stages import register_stage
-from trainers.reference import content_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def score_run(run_dir: str, checkpoints="all", overrides=(), output: str | None 
     data_cfg = _scoring_data_cfg(cfg.data)
     with accelerator.main_process_first():
         train_ds, _, _ = build_datasets(data_cfg, tokenizer, "sft", cfg.seed)
-    fingerprint = content_fingerprint(train_ds)
+    fingerprint = dataset_fingerprint(train_ds)
     counts = response_token_counts(train_ds)
     store = read_scores(output) if os.path.isfile(output) else {}
     entry = store.get(fingerprint, {})
@@ -266,7 +266,7 @@ def sftmix_split(dataset, split: str, seed: int, context: dict | None = None, sc
             f"SFTMix confidence scores not found at {path}. Run stage 1 first: "
             f"python scripts/sftmix_score.py run_dir=<reference run dir>"
         )
-    fingerprint = content_fingerprint(dataset)
+    fingerprint = dataset_fingerprint(dataset)
     store = read_scores(path)
     if fingerprint not in store:
         raise ValueError(

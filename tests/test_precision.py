@@ -237,7 +237,7 @@ def test_the_reference_cache_key_changes_with_every_setting_that_changes_the_num
 
     base = ["recipe=dpo", "reference.strategy=precomputed"]
     model = build_model(make_cfg(base).model, tiny_tokenizer(), seed=0)
-    monkeypatch.setattr(reference_module, "content_fingerprint", lambda dataset: "the same tokens")
+    monkeypatch.setattr(reference_module, "dataset_fingerprint", lambda dataset: "the same tokens")
 
     def deepspeed_stage(stage: int):
         return SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))

@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics
 
 from data.collate import Collator
+from data.fingerprint import dataset_fingerprint
 from data.pipeline import build_datasets
 from data.sampler import ORDERINGS, micro_batches
 from data.sftmix import (
@@ -31,7 +32,7 @@ from losses.base import ROLE_SFT, ForwardOutputs
 from losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
 from trainers.forward import CausalLMWithLogProbs, target_logps
 from trainers.models import build_model, build_tokenizer
-from trainers.reference import content_fingerprint, score_dataset
+from trainers.reference import score_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +173,7 @@ def test_split_stage_reads_scores_by_fingerprint(tmp_path):
     with pytest.raises(FileNotFoundError, match="sftmix_score.py"):
         sftmix_split(ds, split="train", seed=0, scores=str(tmp_path))
     conf = [-float(i) for i in range(8)]
-    (tmp_path / CONFIDENCE_FILE).write_text(json.dumps({content_fingerprint(ds): {"confidence": conf}}))
+    (tmp_path / CONFIDENCE_FILE).write_text(json.dumps({dataset_fingerprint(ds): {"confidence": conf}}))
     out = sftmix_split(ds, split="train", seed=0, context={}, scores=str(tmp_path), split_ratio=0.5)
     assert out["group"] == [1, 1, 1, 1, 0, 0, 0, 0] and out["confidence"] == conf
     assert sftmix_split(ds, split="eval", seed=0, scores=str(tmp_path)) is ds  # eval data keeps no groups

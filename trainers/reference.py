@@ -31,6 +31,7 @@ import torch
 from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
+from data.fingerprint import dataset_fingerprint
 from losses.base import Needs
 from trainers.distributed import is_partitioned, zero_stage
 from trainers.forward import CausalLMWithLogProbs
@@ -57,21 +58,6 @@ def weights_fingerprint(model: torch.nn.Module, accelerator=None) -> str:
     for (name, _), value in zip(named, values):
         digest.update(name.encode())
         digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
-
-
-def content_fingerprint(dataset) -> str:
-    """Hash of a dataset's token columns (datasets' own fingerprint is random for in-memory data)."""
-    digest = hashlib.sha256()
-    table = dataset.with_format(None).data.table
-    if dataset._indices is not None:
-        table = dataset.flatten_indices().data.table
-    for name in sorted(table.column_names):
-        digest.update(name.encode())
-        for chunk in table.column(name).chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    digest.update(memoryview(buffer))
     return digest.hexdigest()[:16]
 
 
@@ -207,7 +193,7 @@ class Reference:
                         "attention_tile": train.attention_tile, "processes": acc.num_processes,
                         "layout": collator.kind},
             "weights": self.weights,
-            "content": content_fingerprint(dataset),
+            "content": dataset_fingerprint(dataset),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
