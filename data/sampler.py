@@ -1,5 +1,10 @@
 """Which examples form each optimizer step: a deterministic function of (seed, epoch, step), so a resumed
-run sees exactly the batches an uninterrupted run would have seen.
+run sees exactly the batches an uninterrupted run would have seen, and the examples a run will draw are known
+before it starts (``drawn_examples``: what a pass before training needs to score).
+
+An ordering maps (dataset, seed, epoch) to a permutation-like list of example indices; orderings register by
+name with ``@register_ordering(name)`` in the module that defines them (``random`` here, ``sftmix_pairs`` in
+data/sftmix.py) and recipes pick one with ``data.ordering``.
 
 A step's global batch is cut into contiguous slices, one per rank, and each rank's slice into contiguous
 micro-batches, so an ordering that places related examples next to each other (e.g. SFTMix's confident /
@@ -8,15 +13,25 @@ unconfident pairs) keeps them in one micro-batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+ORDERINGS: dict[str, Callable] = {}
 
+
+def register_ordering(name: str):
+    def add(fn):
+        ORDERINGS[name] = fn
+        return fn
+
+    return add
+
+
+@register_ordering("random")
 def random_order(dataset, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(len(dataset), generator=generator).tolist()
-
-
-ORDERINGS = {"random": random_order}
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -24,6 +39,19 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     if steps == 0:
         raise ValueError(f"{num_examples} training examples is fewer than train.global_batch_size={global_batch_size}")
     return steps
+
+
+def drawn_examples(ordering: Callable, dataset, seed: int, global_batch_size: int, steps: range) -> list[int]:
+    """The sorted indices of every example the optimizer steps ``steps`` (0-based) draw, over all ranks: step s of
+    epoch e takes ``ordering(dataset, seed, e)[k * global_batch_size:(k + 1) * global_batch_size]``, k = s mod the
+    steps per epoch (``micro_batches`` splits exactly that slice over the ranks)."""
+    per_epoch = steps_per_epoch(len(dataset), global_batch_size)
+    drawn: set[int] = set()
+    for epoch in range(steps.start // per_epoch, -(-steps.stop // per_epoch)):
+        first = max(steps.start - epoch * per_epoch, 0)
+        last = min(steps.stop - epoch * per_epoch, per_epoch)
+        drawn.update(ordering(dataset, seed, epoch)[first * global_batch_size:last * global_batch_size])
+    return sorted(drawn)
 
 
 def micro_batches(order: list[int], step_in_epoch: int, global_batch_size: int, rank: int, world_size: int,

@@ -162,7 +162,8 @@ def score_run(run_dir: str, checkpoints="all", overrides=(), output: str | None 
     from data.pipeline import build_datasets
     from trainers.forward import CausalLMWithLogProbs
     from trainers.models import build_model, build_tokenizer
-    from trainers.reference import score_dataset, weights_fingerprint
+    from trainers.reference import weights_fingerprint
+    from trainers.scoring import score_examples
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
@@ -199,7 +200,11 @@ def score_run(run_dir: str, checkpoints="all", overrides=(), output: str | None 
             log.info("sftmix confidence: %s cached", name)
             continue
         start = time.time()
-        logps = score_dataset(accelerator, wrapper, train_ds, collator, batch_size or cfg.train.eval_batch_size)
+        if accelerator.is_main_process:
+            log.info("sftmix confidence: scoring all %d train examples under %s (the split ranks every example)",
+                     len(train_ds), name)
+        logps = score_examples(accelerator, wrapper, train_ds, collator, batch_size or cfg.train.eval_batch_size,
+                               description=f"sftmix confidence ({name})", progress=cfg.train.progress_bar)
         values = perplexities([sum(v) for v in logps], counts)
         per_checkpoint[name] = {"weights": weights, "values": values}
         log.info("sftmix confidence: %s scored %d examples in %.1fs (mean PPL %.3f)", name, len(values),

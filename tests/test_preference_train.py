@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg, read_metrics
 
@@ -160,6 +161,101 @@ def test_adapter_disabled_reference_with_lora(tmp_path):
     assert adapter == pytest.approx(precomputed, abs=1e-5)
     with pytest.raises(ValueError, match="needs model.lora.enabled=true"):
         short_run(tmp_path, "no_lora", "recipe=dpo", "reference.strategy=adapter_disabled")
+
+
+def read_cache(cache_dir) -> list[dict]:
+    """The cached log-probs by example index, one dict per cache file, largest first."""
+    import json
+
+    files = [json.loads(path.read_text()) for path in cache_dir.glob("*.json")]
+    return sorted(files, key=len, reverse=True)
+
+
+def test_drawn_examples_are_the_union_of_every_ranks_micro_batches():
+    import datasets
+
+    from data.sampler import drawn_examples, micro_batches, random_order
+
+    ds = datasets.Dataset.from_dict({"x": list(range(10))})  # 10 examples, batch 4: 2 steps per epoch
+    order0, order1 = random_order(ds, 3, 0), random_order(ds, 3, 1)
+    assert drawn_examples(random_order, ds, 3, 4, range(1, 3)) == sorted(set(order0[4:8]) | set(order1[0:4]))
+    by_ranks = {i for step, order in ((1, order0), (0, order1)) for rank in range(2)
+                for micro in micro_batches(order, step, 4, rank, 2, 1) for i in micro}
+    assert drawn_examples(random_order, ds, 3, 4, range(1, 3)) == sorted(by_ranks)
+    assert drawn_examples(random_order, ds, 3, 4, range(0, 0)) == []
+
+
+def test_precomputed_reference_scores_only_the_drawn_examples(tmp_path, monkeypatch, caplog):
+    """3 steps of 8 pairs score 24 train pairs (and all eval pairs), with the losses of a run that scored every
+    pair; 6 steps on that cache score only the 24 pairs steps 4-6 add."""
+    import logging
+
+    import trainers.reference
+    import trainers.trainer
+    from data.sampler import drawn_examples
+
+    scored = []
+
+    def counting(*args, **kwargs):
+        scored.append(len(kwargs["indices"]))
+        return score_examples(*args, **kwargs)
+
+    score_examples = trainers.reference.score_examples
+    monkeypatch.setattr(trainers.reference, "score_examples", counting)
+    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+        few = step_losses(tmp_path, "few", "reference.strategy=precomputed")
+    (train_cache, eval_cache) = read_cache(tmp_path / "ref_cache")
+    assert scored == [24, len(eval_cache)] and len(train_cache) == 24
+    assert "scoring 24 of 190 train pairs (steps 1-3 draw 24 of them; 0 cached)" in caplog.text
+
+    monkeypatch.setattr(trainers.trainer, "drawn_examples",  # every train pair, as before this change
+                        lambda ordering, ds, *rest: list(range(len(ds))))
+    every = step_losses(tmp_path, "every", "reference.strategy=precomputed", f"reference.cache_dir={tmp_path / 'all'}")
+    assert len(read_cache(tmp_path / "all")[0]) == 190
+    assert every == few  # exact: a pair's score does not depend on which others are scored
+    monkeypatch.setattr(trainers.trainer, "drawn_examples", drawn_examples)
+
+    scored.clear()
+    step_losses(tmp_path, "more", "reference.strategy=precomputed", "train.max_steps=6")
+    assert scored == [24] and len(read_cache(tmp_path / "ref_cache")[0]) == 48
+
+
+def test_auto_reference_is_adapter_disabled_for_lora_and_precomputed_without(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+        summary, log = short_run(tmp_path, "auto_lora", "recipe=dpo", "model.lora.enabled=true", "train.lr=1e-2")
+    assert "reference: adapter_disabled (auto, LoRA run" in caplog.text
+    assert not (tmp_path / "ref_cache").exists()  # no pass before training
+    assert log[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6) and log[-1]["loss"] != log[0]["loss"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+        short_run(tmp_path, "auto_full", "recipe=dpo")
+    assert "reference: precomputed (auto, no LoRA adapter" in caplog.text and os.listdir(tmp_path / "ref_cache")
+
+
+def test_adapter_disabled_reference_pass_ignores_dropout(tmp_path):
+    """The policy trains in train mode; the reference pass must not take the base model's dropout with it."""
+    from data.sampler import micro_batches
+
+    cfg = make_cfg([f"output_dir={tmp_path / 'run'}", "recipe=dpo", "data.sources.0.num_rows=40",
+                    "model.lora.enabled=true", "reference.strategy=adapter_disabled"])
+    trainer = Trainer(cfg, recipe_name="dropout")
+    for module in trainer.policy.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    idx = micro_batches(trainer.ordering(trainer.train_ds, 0, 0), 0, 4, 0, 1, 4)[0]
+    batch = trainer.collator([trainer.train_ds[i] for i in idx])
+    trainer.policy.train()
+    first, second = dict(batch), dict(batch)
+    trainer.reference.attach(first, trainer.policy)
+    trainer.reference.attach(second, trainer.policy)
+    assert trainer.policy.training
+    assert torch.equal(first["ref_seq_logps"], second["ref_seq_logps"])
+    trainer.policy.eval()
+    with torch.no_grad(), trainer.policy.model.disable_adapter():
+        base = trainer.policy(batch, trainer.needs).seq_logps
+    assert torch.equal(first["ref_seq_logps"], base)
 
 
 # ---- learning ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from losses.base import ROLE_SFT, ForwardOutputs
 from losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
 from trainers.forward import CausalLMWithLogProbs, target_logps
 from trainers.models import build_model, build_tokenizer
-from trainers.reference import score_dataset
+from trainers.scoring import rank_batches, score_examples
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +215,7 @@ def test_perplexity_scoring_equals_naive_full_logits_computation():
     model = build_model(cfg.model, tokenizer, cfg.seed).eval()
     wrapper = CausalLMWithLogProbs(model, chunk_size=7)  # several head chunks
     collator = Collator("sft", packing=True, shared_prompt=True, row_length=256)
-    logps = score_dataset(Accelerator(cpu=True), wrapper, train, collator, batch_size=5)
+    logps = score_examples(Accelerator(cpu=True), wrapper, train, collator, batch_size=5)
     ppl = perplexities([sum(v) for v in logps], response_token_counts(train))
     naive = []
     with torch.no_grad():
@@ -228,6 +228,12 @@ def test_perplexity_scoring_equals_naive_full_logits_computation():
             naive.append(math.exp(nll.mean().item()))
     assert ppl == pytest.approx(naive, rel=1e-4)
     assert confidence([ppl, [2 * p for p in ppl]]) == pytest.approx([-1.5 * p for p in ppl])
+
+
+def test_rank_batches_split_items_in_blocks_and_keep_ranks_in_lockstep():
+    assert [rank_batches(10, 3, r, 4) for r in range(4)] == [[[0, 1, 2]], [[3, 4, 5]], [[6, 7, 8]], [[9]]]
+    assert [rank_batches(5, 2, r, 2) for r in range(2)] == [[[0, 1], [2]], [[3, 4], []]]  # rank 1: a dummy pass
+    assert rank_batches(3, 8, 0, 1) == [[0, 1, 2]]
 
 
 # ---- the chain on the tiny model ----------------------------------------------------------------------------

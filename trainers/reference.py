@@ -1,10 +1,14 @@
 """Reference-model strategies for losses that declare ``Needs(reference=True)``.
 
-- ``precomputed``: before training, the initial model scores every train and eval example once; the per-
-  sequence log-probs are cached on disk under a key made of everything that changes them (``cache_key``: the
-  resolved model and data configs, the precision the policy runs in, the scoring batch, chunk and tile sizes,
-  the number of processes, a fingerprint of the weights and of the tokenized dataset), so a changed setting
-  recomputes; they travel with the examples as a ``ref_logps`` column. Training then runs a single model.
+- ``auto`` (default): ``adapter_disabled`` for a LoRA run, else ``precomputed`` (``resolve_strategy``; the choice and
+  its reason are logged).
+- ``precomputed``: before training, the initial model scores the train examples the run's steps will draw (the
+  sampler is deterministic: ``data.sampler.drawn_examples``) and every eval example once; the per-sequence
+  log-probs are cached on disk per example under a key made of everything that changes them (``cache_key``: the
+  resolved model and data configs, the precision the policy runs in, the scoring batch, chunk and tile sizes, the
+  number of processes, a fingerprint of the weights and of the tokenized dataset), so a changed setting recomputes
+  and a later run that draws more examples scores only those it lacks; they travel with the examples as a
+  ``ref_logps`` column (null for an example no step draws). Training then runs a single model.
 - ``frozen_copy``: a frozen copy of the initial model scores each batch. Under ZeRO-3 the copy is sharded too:
   it runs in a second, optimizer-less DeepSpeed engine, so it costs each rank 1/N of the model.
 - ``adapter_disabled``: the policy itself with its LoRA adapter switched off (no second copy in memory).
@@ -13,7 +17,8 @@ Every strategy scores at the policy's precision, so that a reference equal to th
 ``precomputed`` and ``adapter_disabled`` run the prepared policy itself; the frozen copy is taken after the
 policy's weights are in their training dtype (trainers/precision.py), takes the dtypes DeepSpeed gives the
 prepared policy's parameters, and runs under the Accelerator's autocast, which the prepared policy's forward
-carries and an unprepared module would not.
+carries and an unprepared module would not. Every reference pass runs in eval mode, so dropout in the base model
+never makes the reference random.
 
 Under ZeRO-3 every scoring pass runs the sharded model, which gathers each layer's weights collectively: all
 ranks run the same number of forwards in lockstep (a rank without work scores a dummy batch).
@@ -28,17 +33,34 @@ import logging
 import os
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
 
 from data.fingerprint import dataset_fingerprint
-from losses.base import Needs
 from trainers.distributed import is_partitioned, zero_stage
 from trainers.forward import CausalLMWithLogProbs
+from trainers.scoring import NO_STATS, score_examples
+from trainers.scoring import to_device as _to_device  # noqa: F401  (trainers/trainer.py imports it from here)
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("precomputed", "frozen_copy", "adapter_disabled")
-NO_STATS = Needs()
+STRATEGIES = ("auto", "precomputed", "frozen_copy", "adapter_disabled")
+
+
+def resolve_strategy(cfg) -> tuple[str, str]:
+    """``reference.strategy`` with ``auto`` resolved, and why. ``adapter_disabled`` is exact for LoRA: the reference
+    is the initial model, which is the policy's base weights (LoRA's B starts at zero, so the adapter adds exactly
+    nothing at step 0), run by the policy itself at its own precision and in eval mode; it saves the pass before
+    training and a second model."""
+    strategy = cfg.reference.strategy
+    if strategy not in STRATEGIES:
+        raise KeyError(f"unknown reference.strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy, "set by reference.strategy"
+    if cfg.model.lora.enabled:
+        return "adapter_disabled", ("auto, LoRA run: the reference is the base model, i.e. the policy with its "
+                                    "adapter switched off (same weights and precision, no pass before training)")
+    return "precomputed", ("auto, no LoRA adapter to switch off: the initial model scores the data once before "
+                           "training, cached")
 
 
 def weights_fingerprint(model: torch.nn.Module, accelerator=None) -> str:
@@ -61,29 +83,6 @@ def weights_fingerprint(model: torch.nn.Module, accelerator=None) -> str:
     return digest.hexdigest()[:16]
 
 
-def score_dataset(accelerator, scorer: CausalLMWithLogProbs, dataset, collator, batch_size: int) -> list[list[float]]:
-    """Per-example reference log-probs (one per sequence of the example), computed across all ranks."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    n = len(dataset)
-    per_rank = -(-n // world)
-    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
-    steps = -(-per_rank // batch_size)
-    results: list[tuple[int, list[float]]] = []
-    scorer.eval()
-    with torch.no_grad():
-        for s in range(steps):
-            chunk = mine[s * batch_size:(s + 1) * batch_size]
-            idx = chunk or [0]  # ranks stay in lockstep (ZeRO-3 gathers weights collectively)
-            examples = [dataset[i] for i in idx]
-            batch = _to_device(collator(examples), accelerator.device)
-            out = scorer(batch, NO_STATS)
-            per_example = out.seq_logps.float().view(len(idx), -1).tolist()
-            results += list(zip(chunk, per_example))
-    gathered = accelerator.gather_for_metrics([results], use_gather_object=True) if world > 1 else [results]
-    table = dict(pair for part in gathered for pair in part)
-    return [table[i] for i in range(n)]
-
-
 def _match_dtypes(copy_module: torch.nn.Module, policy: torch.nn.Module) -> None:
     """Cast each floating parameter and buffer of ``copy_module`` to the dtype of the same-named one in ``policy``."""
     target = {name: t.dtype for name, t in [*policy.named_parameters(), *policy.named_buffers()]}
@@ -93,18 +92,14 @@ def _match_dtypes(copy_module: torch.nn.Module, policy: torch.nn.Module) -> None
             tensor.data = tensor.data.to(dtype)
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 class Reference:
     """Built before ``accelerator.prepare`` (the copy and the weights fingerprint need the initial model);
     ``prepare`` and ``precompute`` run after it, with the prepared policy as the scorer."""
 
     def __init__(self, cfg, model, accelerator, rebuild=None):
-        self.strategy = cfg.reference.strategy
-        if self.strategy not in STRATEGIES:
-            raise KeyError(f"unknown reference.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        self.strategy, why = resolve_strategy(cfg)
+        if accelerator.is_main_process:
+            log.info("reference: %s (%s)", self.strategy, why)
         self.cfg = cfg
         self.accelerator = accelerator
         self.copy = None
@@ -145,38 +140,61 @@ class Reference:
         self.copy = engine
         log.info("reference.strategy=frozen_copy: the reference runs sharded (ZeRO-3, no optimizer)")
 
-    def precompute(self, scorer, datasets: dict, collator) -> dict:
-        """For ``precomputed``: datasets with a ``ref_logps`` column, from the cache when the key matches.
-        ``scorer`` is the prepared policy before its first step (under ZeRO-3 every rank must call this)."""
+    def precompute(self, scorer, datasets: dict, collator, train_drawn: list[int], steps: range) -> dict:
+        """For ``precomputed``: the datasets with a ``ref_logps`` column holding the log-probs of the train examples
+        ``train_drawn`` (those the run's ``steps`` draw) and of every eval example; the rest stay null. Examples
+        already in the cache are read from it, the others scored and added to it. ``scorer`` is the prepared policy
+        before its first step (every rank must call this: under ZeRO-3 the scoring is collective)."""
         if self.strategy != "precomputed":
             return datasets
-        out = {}
+        wanted = {split: (train_drawn if split == "train" else range(len(ds)))
+                  for split, ds in datasets.items() if ds is not None}
+        paths = {split: os.path.join(self.cfg.reference.cache_dir, f"{self.cache_key(datasets[split], collator)}.json")
+                 for split in wanted}
+        stored = {split: self._read_cache(path) for split, path in paths.items()}
+        found = {split: {i: stored[split][i] for i in wanted[split] if i in stored[split]} for split in wanted}
+        # the main process's cache decides for every rank (nodes may not share a file system), so that all ranks
+        # score the same examples in lockstep
+        if self.accelerator.num_processes > 1:
+            found = broadcast_object_list([found], from_process=0)[0]
+        missing = {split: [i for i in wanted[split] if i not in found[split]] for split in wanted}
+        unit = "pairs" if collator.kind == "pairs" else "examples"
+        if self.accelerator.is_main_process:
+            train_n, eval_n = len(datasets["train"]), len(wanted.get("eval", []))
+            log.info("reference log-probs (the loss compares with the initial model): scoring %d of %d train %s "
+                     "(steps %d-%d draw %d of them; %d cached) + %d of %d eval %s, cache %s", len(missing["train"]),
+                     train_n, unit, steps.start + 1, steps.stop, len(wanted["train"]), len(found["train"]),
+                     len(missing.get("eval", [])), eval_n, unit, self.cfg.reference.cache_dir)
+        out = dict(datasets)
         for split, ds in datasets.items():
             if ds is None:
-                out[split] = None
                 continue
-            path = os.path.join(self.cfg.reference.cache_dir, f"{self.cache_key(ds, collator)}.json")
-            # every rank takes the same branch (a rank alone in score_dataset would wait for the others forever):
-            # the cache is used only if every rank sees it (nodes may not share a file system)
-            hit = [os.path.exists(path)]
-            if self.accelerator.num_processes > 1:
-                hit = gather_object(hit)
-            if all(hit):
-                with open(path) as handle:
-                    values = json.load(handle)
-                log.info("reference log-probs (%s): cache hit %s", split, path)
-            else:
-                values = score_dataset(self.accelerator, scorer, ds, collator, self.cfg.train.eval_batch_size)
+            values = found[split]
+            if missing[split]:
+                scored = score_examples(self.accelerator, scorer, ds, collator, self.cfg.train.eval_batch_size,
+                                        indices=missing[split], description=f"reference log-probs ({split})",
+                                        progress=self.cfg.train.progress_bar)
+                values = {**values, **dict(zip(missing[split], scored))}
                 if self.accelerator.is_main_process:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    tmp = f"{path}.tmp{os.getpid()}"
-                    with open(tmp, "w") as handle:
-                        json.dump(values, handle)
-                    os.replace(tmp, path)
+                    self._write_cache(paths[split], {**stored[split], **values})
                 self.accelerator.wait_for_everyone()
-                log.info("reference log-probs (%s): computed %d examples -> %s", split, len(values), path)
-            out[split] = ds.add_column("ref_logps", values)
+            out[split] = ds.add_column("ref_logps", [values.get(i) for i in range(len(ds))])
         return out
+
+    def _read_cache(self, path: str) -> dict[int, list[float]]:
+        """The cached log-probs by example index (main process only; the others get an empty dict)."""
+        if not (self.accelerator.is_main_process and os.path.exists(path)):
+            return {}
+        with open(path) as handle:
+            return {int(i): values for i, values in json.load(handle).items()}
+
+    @staticmethod
+    def _write_cache(path: str, values: dict[int, list[float]]) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as handle:
+            json.dump({str(i): v for i, v in sorted(values.items())}, handle)
+        os.replace(tmp, path)
 
     def cache_key(self, dataset, collator) -> str:
         """Everything that changes the reference log-probs of ``dataset``. The tokenized content reflects the
@@ -194,6 +212,7 @@ class Reference:
                         "layout": collator.kind},
             "weights": self.weights,
             "content": dataset_fingerprint(dataset),
+            "cache_format": "by_example_index",
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -206,5 +225,8 @@ class Reference:
         else:
             scorer = policy
             context = self.accelerator.unwrap_model(policy).model.disable_adapter()
+        was_training = scorer.training
+        scorer.eval()  # the policy trains in train mode: its base model's dropout must not reach the reference
         with torch.no_grad(), context:
             batch["ref_seq_logps"] = scorer(batch, NO_STATS).seq_logps.detach()
+        scorer.train(was_training)

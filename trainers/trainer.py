@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from data.collate import Collator
 from data.fingerprint import check_same_data_on_every_rank
 from data.pipeline import build_datasets
-from data.sampler import ORDERINGS, derive_accumulation, micro_batches, steps_per_epoch
+from data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
 from losses import build_loss
 from losses.base import Metric
 from trainers import checkpoint
@@ -153,16 +153,21 @@ class Trainer:
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
-        if self.reference is not None:
-            # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model)
-            self.reference.prepare(self.policy)
-            datasets = self.reference.precompute(self.policy, {"train": train_ds, "eval": eval_ds}, self.collator)
-            train_ds, eval_ds = datasets["train"], datasets["eval"]
-        self.train_ds, self.eval_ds = train_ds, eval_ds
         ordering = cfg.data.get("ordering", "random")
         if ordering not in ORDERINGS:
             raise KeyError(f"unknown data.ordering {ordering!r}; valid: {', '.join(ORDERINGS)}")
         self.ordering = ORDERINGS[ordering]
+        if self.reference is not None:
+            # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model); only the train
+            # examples the remaining steps draw
+            self.reference.prepare(self.policy)
+            start = checkpoint.read_state(self.resume_from)["step"] if self.resume_from else 0
+            steps = range(start, self.total_steps)
+            drawn = drawn_examples(self.ordering, train_ds, cfg.seed, train.global_batch_size, steps)
+            datasets = self.reference.precompute(self.policy, {"train": train_ds, "eval": eval_ds}, self.collator,
+                                                 drawn, steps)
+            train_ds, eval_ds = datasets["train"], datasets["eval"]
+        self.train_ds, self.eval_ds = train_ds, eval_ds
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict] = []
