@@ -7,6 +7,7 @@ import hydra
 from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 
+from data.sources import expand_short_form, sources_overridden
 from trainers.distributed import end_process_group
 from trainers.interrupt import TrainingInterrupted
 from trainers.trainer import Trainer
@@ -18,6 +19,7 @@ def main(cfg) -> None:
     for noisy in ("accelerate", "transformers", "peft", "deepspeed"):  # keep the log to our own lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
+    expand_short_form(cfg.data, sources_given=sources_overridden(HydraConfig.get().overrides.task))
     try:
         Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
     except TrainingInterrupted as stopped:  # every rank stopped after the same step, with its checkpoint written

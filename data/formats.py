@@ -22,32 +22,50 @@ import re
 ROLES = ("system", "user", "assistant", "tool")
 
 
+# Kinds of bad rows: the log counts dropped rows per kind, with one example of each, so rows that fail the same
+# way with different texts (which field, which turn) are counted together.
+MISSING_FIELD = "missing field"
+WRONG_TYPE = "wrong type"
+EMPTY_TEXT = "empty text"
+MALFORMED_TURN = "malformed turn"
+UNKNOWN_ROLE = "unknown role"
+CONVERSATION_SHAPE = "conversation shape"
+TOOL_DEFINITIONS = "tool definitions"
+PROMPT_TOO_LONG = "prompt longer than budget"
+TEMPLATE_REFUSED = "template cannot render"
+NO_FORMAT = "columns fit no single format"
+
+
 class RowError(ValueError):
-    pass
+    """What is wrong with one row (the message) and the kind of problem it is (one of the kinds above)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _text(row: dict, key: str, allow_empty: bool = False) -> str:
     if key not in row or row[key] is None:
-        raise RowError(f"missing field {key!r}")
+        raise RowError(f"missing field {key!r}", MISSING_FIELD)
     value = row[key]
     if not isinstance(value, str):
-        raise RowError(f"field {key!r} must be a string, got {type(value).__name__}")
+        raise RowError(f"field {key!r} must be a string, got {type(value).__name__}", WRONG_TYPE)
     if not allow_empty and not value.strip():
-        raise RowError(f"field {key!r} is empty")
+        raise RowError(f"field {key!r} is empty", EMPTY_TEXT)
     return value
 
 
 def _turns(value, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise RowError(f"field {key!r} must be a non-empty list of {{role, content}} turns")
+        raise RowError(f"field {key!r} must be a non-empty list of {{role, content}} turns", WRONG_TYPE)
     turns = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise RowError(f"{key}[{i}] must be a {{role, content}} mapping")
+            raise RowError(f"{key}[{i}] must be a {{role, content}} mapping", MALFORMED_TURN)
         if turn["role"] not in ROLES:
-            raise RowError(f"{key}[{i}] has unknown role {turn['role']!r}; valid: {', '.join(ROLES)}")
+            raise RowError(f"{key}[{i}] has unknown role {turn['role']!r}; valid: {', '.join(ROLES)}", UNKNOWN_ROLE)
         if not isinstance(turn["content"], str):
-            raise RowError(f"{key}[{i}].content must be a string")
+            raise RowError(f"{key}[{i}].content must be a string", MALFORMED_TURN)
         turns.append({"role": turn["role"], "content": turn["content"]})
     return turns
 
@@ -59,13 +77,13 @@ def alpaca(row: dict) -> list[dict]:
 
 def _trainable(turns: list[dict]) -> list[dict]:
     if not any(t["role"] == "assistant" for t in turns):
-        raise RowError("conversation has no assistant turn to train on")
+        raise RowError("conversation has no assistant turn to train on", CONVERSATION_SHAPE)
     if turns[-1]["role"] != "assistant":
         # templates render up to the last assistant reply, so a trailing turn would vanish without a trace
         raise RowError(f"conversation ends with a {turns[-1]['role']} turn; the last turn must be the assistant's "
-                       "reply (remove the trailing turn or add its reply)")
+                       "reply (remove the trailing turn or add its reply)", CONVERSATION_SHAPE)
     if any(t["role"] == "assistant" and not t["content"].strip() for t in turns):
-        raise RowError("an assistant turn is empty")
+        raise RowError("an assistant turn is empty", EMPTY_TEXT)
     return turns
 
 
@@ -91,17 +109,18 @@ def pairwise_messages(row: dict) -> tuple[list[dict], dict, dict]:
     chosen = _turns(row.get("chosen"), "chosen")
     rejected = _turns(row.get("rejected"), "rejected")
     if chosen[:-1] != rejected[:-1]:
-        raise RowError("chosen and rejected do not share the same prompt turns")
+        raise RowError("chosen and rejected do not share the same prompt turns", CONVERSATION_SHAPE)
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise RowError("chosen and rejected must end with an assistant turn")
+        raise RowError("chosen and rejected must end with an assistant turn", CONVERSATION_SHAPE)
     if not chosen[:-1]:
-        raise RowError("chosen/rejected have no prompt turns")
+        raise RowError("chosen/rejected have no prompt turns", CONVERSATION_SHAPE)
     if not any(t["role"] == "user" for t in chosen[:-1]):
         roles = ", ".join(t["role"] for t in chosen[:-1])
-        raise RowError(f"the prompt turns ({roles}) have no user turn: nothing asks for the responses")
+        raise RowError(f"the prompt turns ({roles}) have no user turn: nothing asks for the responses",
+                       CONVERSATION_SHAPE)
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns[-1]["content"].strip():
-            raise RowError(f"{name} response is empty")
+            raise RowError(f"{name} response is empty", EMPTY_TEXT)
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
@@ -119,24 +138,24 @@ SHAREGPT_ROLES = {
 def sharegpt(row: dict) -> list[dict]:
     value = row.get("conversations")
     if not isinstance(value, list) or not value:
-        raise RowError("field 'conversations' must be a non-empty list of {from, value} turns")
+        raise RowError("field 'conversations' must be a non-empty list of {from, value} turns", WRONG_TYPE)
     if row.get("tools"):
         raise RowError("the row defines tools ('tools' column), which the templates cannot render; put the tool "
-                       "definitions in the system prompt or drop the column")
+                       "definitions in the system prompt or drop the column", TOOL_DEFINITIONS)
     turns = []
     system = row.get("system")
     if system is not None and not isinstance(system, str):
-        raise RowError(f"field 'system' must be a string, got {type(system).__name__}")
+        raise RowError(f"field 'system' must be a string, got {type(system).__name__}", WRONG_TYPE)
     if system and system.strip():
         turns.append({"role": "system", "content": system})
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RowError(f"conversations[{i}] must be a {{from, value}} mapping")
+            raise RowError(f"conversations[{i}] must be a {{from, value}} mapping", MALFORMED_TURN)
         if turn["from"] not in SHAREGPT_ROLES:
             raise RowError(f"conversations[{i}] has unknown speaker {turn['from']!r}; valid: "
-                           f"{', '.join(SHAREGPT_ROLES)}")
+                           f"{', '.join(SHAREGPT_ROLES)}", UNKNOWN_ROLE)
         if not isinstance(turn["value"], str):
-            raise RowError(f"conversations[{i}].value must be a string")
+            raise RowError(f"conversations[{i}].value must be a string", MALFORMED_TURN)
         turns.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return _trainable(turns)
 
@@ -149,7 +168,8 @@ def _transcript(row: dict, key: str) -> list[dict]:
     text = _text(row, key)
     parts = _SPEAKER.split(text)  # [before, speaker, content, speaker, content, ...]
     if parts[0].strip() or len(parts) < 3:
-        raise RowError(f"field {key!r} is not a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
+        raise RowError(f"field {key!r} is not a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns",
+                       CONVERSATION_SHAPE)
     return [{"role": _HH_ROLES[speaker], "content": content.strip()}
             for speaker, content in zip(parts[1::2], parts[2::2])]
 
@@ -158,13 +178,15 @@ def hh_rlhf(row: dict) -> tuple[list[dict], dict, dict]:
     chosen, rejected = _transcript(row, "chosen"), _transcript(row, "rejected")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
-            raise RowError(f"the {name} transcript ends with a Human turn, not the Assistant's response")
+            raise RowError(f"the {name} transcript ends with a Human turn, not the Assistant's response",
+                           CONVERSATION_SHAPE)
         if not turns[-1]["content"]:
-            raise RowError(f"{name} response is empty")
+            raise RowError(f"{name} response is empty", EMPTY_TEXT)
     if chosen[:-1] != rejected[:-1]:
-        raise RowError("the chosen and rejected transcripts differ before their final Assistant turn")
+        raise RowError("the chosen and rejected transcripts differ before their final Assistant turn",
+                       CONVERSATION_SHAPE)
     if not any(t["role"] == "user" for t in chosen[:-1]):
-        raise RowError("the transcripts have no Human turn before the final response")
+        raise RowError("the transcripts have no Human turn before the final response", CONVERSATION_SHAPE)
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
@@ -209,5 +231,6 @@ def detect_format(column_kinds: dict[str, str | None], first_row: dict, kind: st
     if not fits:
         raise RowError(f"its columns ({found}) fit none of the {kind} formats: "
                        f"{'; '.join(_describe(name) for name in table)}. Set the source's format, or rename "
-                       "columns with `columns: {<field>: <your column>}`")
-    raise RowError(f"its columns ({found}) fit several formats: {', '.join(fits)}; set the source's format to one")
+                       "columns with `columns: {<field>: <your column>}`", NO_FORMAT)
+    raise RowError(f"its columns ({found}) fit several formats: {', '.join(fits)}; set the source's format to one",
+                   NO_FORMAT)

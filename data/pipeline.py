@@ -5,13 +5,16 @@ fit and logs it); keep its ``weight`` fraction of rows (alignment-handbook's dat
 seeded half, 2.0 repeats it twice); split off eval rows (a source's own ``eval_split``, else a seeded
 ``eval_fraction``); drop and count pairs whose chosen and rejected responses are the same text; tokenize with
 prompt masking; drop and count bad or over-long rows; then run the data stages the recipe names (e.g. SFTMix
-confidence split, MCTune controls).
+confidence split, MCTune controls). Every dropped row is counted under the kind of its problem (``RowError.kind``,
+an unreadable line's kind, ``identical responses``, ``too long``), with one example of each kind; the kinds'
+counts add up to the rows dropped.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import datasets
 import pyarrow as pa
@@ -20,12 +23,42 @@ from omegaconf import OmegaConf
 import data.mctune  # noqa: F401  (registers the mctune stage)
 import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
 from data.formats import PAIR_FORMATS, RowError, detect_format
-from data.sources import load_rows
+from data.sources import expand_short_form, load_rows
 from data.stages import stages_at
 from data.templates import build_template, formatting_options
 from data.tokenize import tokenize_row, validate_data_config
 
 log = logging.getLogger(__name__)
+
+IDENTICAL = "identical responses"
+TOO_LONG = "too long (data.truncation=drop)"
+
+
+@dataclass
+class DroppedKind:
+    count: int
+    example: str  # "<file> row <n>: <reason>" of the first row dropped for this kind
+
+
+class DataCounts(Counter):
+    """Rows per ``<split>/<status>`` (ok, truncated, error, too_long, identical, unreadable), and in ``dropped``
+    the rows dropped per kind of problem, each with one example."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped: dict[str, DroppedKind] = {}
+
+    def drop(self, kind: str, count: int, example: str) -> None:
+        if kind in self.dropped:
+            self.dropped[kind].count += count
+        else:
+            self.dropped[kind] = DroppedKind(count, example)
+
+    def dropped_summary(self) -> str:
+        total = sum(d.count for d in self.dropped.values())
+        kinds = "; ".join(f"{kind} {d.count} (e.g. {d.example})" for kind, d in
+                          sorted(self.dropped.items(), key=lambda item: -item[1].count))
+        return f"dropped {total} rows: {kinds}" if total else "dropped 0 rows"
 
 
 def _apply_weight(ds: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
@@ -77,22 +110,24 @@ def _same_responses(row: dict, converter) -> bool:
     return chosen["content"] == rejected["content"]
 
 
-def _drop_identical_pairs(ds, spec, data_cfg, counts: Counter, split: str):
+def _drop_identical_pairs(ds, spec, data_cfg, counts: DataCounts, split: str):
     """A pair whose responses are one text has no preference in it: a pairwise loss gets a constant with zero
     gradient from it, yet it counts in the batch's pairs and thins every other pair's weight."""
     if spec.format not in PAIR_FORMATS or len(ds) == 0:
         return ds  # an unknown format is reported by tokenization, with the valid ones
-    kept = ds.filter(lambda row: not _same_responses(row, PAIR_FORMATS[spec.format]),
-                     num_proc=data_cfg.get("num_proc") or None, desc=f"identical pairs {spec.path} ({split})")
-    dropped = len(ds) - len(kept)
+    same = ds.map(lambda row: {"same": _same_responses(row, PAIR_FORMATS[spec.format])}, remove_columns=ds.column_names,
+                  num_proc=data_cfg.get("num_proc") or None, desc=f"identical pairs {spec.path} ({split})")["same"]
+    dropped = [i for i, is_same in enumerate(same) if is_same]
     if dropped:
-        counts[f"{split}/identical"] += dropped
+        first = ds[dropped[0]]
+        counts[f"{split}/identical"] += len(dropped)
+        counts.drop(IDENTICAL, len(dropped), f"{first['_source']} row {first['_row']}")
         log.warning("%s (%s): dropped %d pairs whose chosen and rejected responses are identical", spec.path,
-                    split, dropped)
-    return kept
+                    split, len(dropped))
+    return ds.select([i for i, is_same in enumerate(same) if not is_same]) if dropped else ds
 
 
-def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: Counter, split: str):
+def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: DataCounts, split: str):
     fmt = spec.format
     if kind == "pairs":
         ds = _drop_identical_pairs(ds, spec, data_cfg, counts, split)
@@ -113,28 +148,55 @@ def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: Counter, sp
                 f"{first['_source']} row {first['_row']}: {first['error']} "
                 f"({status['error']} bad rows in this source; set data.on_error=skip to drop and count them)"
             )
-        for reason, n in Counter(bad["error"]).most_common(3):
-            log.warning("%s (%s): skipped %d rows: %s", spec.path, split, n, reason)
+        _count_by_kind(bad, bad["error_kind"], spec, split, counts)
+    if status["too_long"]:
+        long_rows = ds.filter(lambda r: r["status"] == "too_long")
+        _count_by_kind(long_rows, [TOO_LONG] * len(long_rows), spec, split, counts)
     counts.update({f"{split}/{k}": v for k, v in status.items()})
-    return ds.filter(lambda r: r["status"] in ("ok", "truncated")).remove_columns(["status", "error"])
+    return ds.filter(lambda r: r["status"] in ("ok", "truncated")).remove_columns(["status", "error", "error_kind"])
+
+
+def _count_by_kind(dropped, kinds: list[str], spec, split: str, counts: DataCounts) -> None:
+    """Count ``dropped`` rows per kind of problem, keeping the first of each as the example, and log each kind."""
+    first_of_kind: dict[str, int] = {}
+    for i, kind in enumerate(kinds):
+        first_of_kind.setdefault(kind, i)
+    per_kind = Counter(kinds)
+    for kind, n in per_kind.most_common():
+        row = dropped[first_of_kind[kind]]
+        reason = row["error"] or "the example does not fit data.max_length"
+        example = f"{row['_source']} row {row['_row']}: {reason}"
+        counts.drop(kind, n, example)
+        log.warning("%s (%s): dropped %d rows, %s; e.g. %s", spec.path, split, n, kind, example)
+
+
+def _count_unreadable(lines, split: str, counts: DataCounts) -> None:
+    counts[f"{split}/unreadable"] += len(lines)
+    for line in lines:
+        counts.drop(line.kind, 1, f"{line.where}: {line.reason}")
+    for kind, n in Counter(line.kind for line in lines).items():
+        log.warning("%s: skipped %d unreadable lines, %s; e.g. %s", split, n, kind,
+                    next(f"{line.where}: {line.reason}" for line in lines if line.kind == kind))
 
 
 def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
     """Returns (train, eval or None, counts). ``kind`` is 'sft' or 'pairs' (what the loss needs)."""
+    expand_short_form(data_cfg)
     validate_data_config(data_cfg, kind)
     if data_cfg.on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error={data_cfg.on_error!r}; valid: raise, skip")
     template = build_template(data_cfg.template, tokenizer, **formatting_options(data_cfg))
-    counts: Counter = Counter()
+    counts = DataCounts()
     train_parts, eval_parts = [], []
     for i, spec in enumerate(data_cfg.sources):
         spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True))
         rows, unreadable = load_rows(spec, data_cfg.on_error)
-        counts["train/unreadable"] += unreadable
+        _count_unreadable(unreadable, "train", counts)
         spec.format = _resolve_format(spec, rows, kind)
         rows = _apply_weight(rows, float(spec.get("weight", 1.0)), seed + i)
         if spec.get("eval_split"):
-            eval_rows, _ = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)
+            eval_rows, unreadable = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)
+            _count_unreadable(unreadable, "eval", counts)
         else:
             rows, eval_rows = _split(rows, data_cfg.get("eval_fraction", 0.0), seed + i)
         for stage, options in stages_at("rows", data_cfg.get("stages")):
@@ -150,5 +212,6 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
         evaluation = stage(evaluation, split="eval", seed=seed, **options) if evaluation is not None else None
     if len(train) == 0:
         raise ValueError(f"no training examples left after filtering: {dict(counts)}")
-    log.info("data: %d train / %d eval examples; %s", len(train), len(evaluation or []), dict(sorted(counts.items())))
+    log.info("data: %d train / %d eval examples; %s; %s", len(train), len(evaluation or []),
+             dict(sorted(counts.items())), counts.dropped_summary())
     return train, evaluation, counts

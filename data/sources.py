@@ -6,7 +6,8 @@ Before that, each local JSON file is checked for what ``datasets`` would report 
 or accept silently: an empty file, bytes that are not UTF-8 (for JSON lines the bad lines are named, or
 skipped and counted with ``data.on_error=skip``; a JSON list can only be refused as a whole), and a single
 JSON object where rows were expected. A source's ``columns: {<field>: <its column>}`` renames its columns
-to the fields the formats read.
+to the fields the formats read, and its ``max_rows`` keeps only its first rows. ``data.path`` (with
+``data.format``, ``data.split``, ``data.max_rows``) is the short form of a one-source ``data.sources`` list.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 from glob import glob
+from typing import NamedTuple
 
 import datasets
 
@@ -36,6 +38,14 @@ log = logging.getLogger(__name__)
 
 class DataFileError(ValueError):
     pass
+
+
+class UnreadableLine(NamedTuple):
+    """A JSON line skipped with data.on_error=skip: its kind (for the log's counts), ``file:line`` and why."""
+
+    kind: str
+    where: str
+    reason: str
 
 
 def _local_files(path: str) -> list[str]:
@@ -122,9 +132,9 @@ def _explain_json_list(file: str) -> DataFileError | None:
     return DataFileError(f"{file} holds a JSON {type(content).__name__}; {_EXPECTED}")
 
 
-def _scan_json_lines(files: list[str], on_error: str) -> tuple[list[dict], int]:
+def _scan_json_lines(files: list[str], on_error: str) -> tuple[list[dict], list[UnreadableLine]]:
     """Line-by-line reading, used when ``datasets`` cannot read a file correctly: names each bad line."""
-    rows, skipped = [], 0
+    rows, skipped = [], []
     for file in files:
         with open(file, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
@@ -133,18 +143,20 @@ def _scan_json_lines(files: list[str], on_error: str) -> tuple[list[dict], int]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
+                    kind = "not UTF-8"
                     problem = (f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 text (data files "
                                "must be UTF-8; re-encode the file, e.g. `iconv -f latin1 -t utf-8`)")
                 else:
                     try:
                         row = json.loads(line)
-                        problem = "" if isinstance(row, dict) else "a row must be a JSON object"
+                        kind, problem = ("", "") if isinstance(row, dict) else (
+                            "not a JSON object", "a row must be a JSON object")
                     except ValueError as err:
-                        problem = f"malformed JSON line ({err})"
+                        kind, problem = "malformed JSON", f"malformed JSON line ({err})"
                 if problem:
                     if on_error != "skip":
                         raise DataFileError(f"{file}:{line_no}: {problem}")
-                    skipped += 1
+                    skipped.append(UnreadableLine(kind, f"{file}:{line_no}", problem))
                     continue
                 rows.append({**row, "_source": file, "_row": line_no})
     return rows, skipped
@@ -155,14 +167,14 @@ def _with_position(ds: datasets.Dataset, source: str, first_row: int) -> dataset
     return ds.add_column("_row", list(range(first_row, first_row + len(ds))))
 
 
-def _rows_from_scan(files: list[str], on_error: str) -> tuple[datasets.Dataset, int]:
+def _rows_from_scan(files: list[str], on_error: str) -> tuple[datasets.Dataset, list[UnreadableLine]]:
     rows, skipped = _scan_json_lines(files, on_error)
     if not rows:
-        raise DataFileError(f"no readable rows in {', '.join(files)} ({skipped} unreadable lines skipped)")
+        raise DataFileError(f"no readable rows in {', '.join(files)} ({len(skipped)} unreadable lines skipped)")
     return datasets.Dataset.from_list(rows), skipped
 
 
-def _load_local(path: str, on_error: str) -> tuple[datasets.Dataset, int]:
+def _load_local(path: str, on_error: str) -> tuple[datasets.Dataset, list[UnreadableLine]]:
     files = _local_files(path)
     builder = LOCAL_BUILDERS[os.path.splitext(files[0])[1]]
     if builder == "json" and any([_check_json_file(file) for file in files]):
@@ -177,12 +189,12 @@ def _load_local(path: str, on_error: str) -> tuple[datasets.Dataset, int]:
         if lists:  # a list cannot be read line by line: explain the file, or report datasets' error
             raise next(filter(None, map(_explain_json_list, lists)), unexplained) from err
         ds, skipped = _rows_from_scan(files, on_error)
-        if skipped == 0:
+        if not skipped:
             raise unexplained from err
         return ds, skipped
     if len(files) == 1:
-        return _with_position(ds, files[0], 0 if _first_non_blank(files[0]) == b"[" else 1), 0
-    return _with_position(ds, ",".join(files), 0), 0
+        return _with_position(ds, files[0], 0 if _first_non_blank(files[0]) == b"[" else 1), []
+    return _with_position(ds, ",".join(files), 0), []
 
 
 def rename_columns(ds: datasets.Dataset, columns, path: str) -> datasets.Dataset:
@@ -205,18 +217,58 @@ def rename_columns(ds: datasets.Dataset, columns, path: str) -> datasets.Dataset
     return ds.rename_columns(renames) if renames else ds
 
 
-def load_rows(spec, on_error: str) -> tuple[datasets.Dataset, int]:
-    """(rows, number of unreadable rows skipped) for one source spec, its ``columns`` renamed."""
+def _first_rows(ds: datasets.Dataset, max_rows, path: str) -> datasets.Dataset:
+    if max_rows is None:
+        return ds
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        raise ValueError(f"source {path!r}: max_rows={max_rows!r} is invalid: valid values are null (every row) or "
+                         "an integer > 0")
+    return ds.select(range(min(max_rows, len(ds))))
+
+
+def load_rows(spec, on_error: str) -> tuple[datasets.Dataset, list[UnreadableLine]]:
+    """(rows, unreadable lines skipped) for one source spec: its ``columns`` renamed, and only its first
+    ``max_rows`` rows (in file order, before any weighting, shuffling or eval split) when that is set."""
     path = spec.path
     if path.startswith("bundled:"):
         name = path.split(":", 1)[1]
         if name not in BUNDLED:
             raise KeyError(f"unknown bundled dataset {name!r}; valid: {', '.join(BUNDLED)}")
         rows = BUNDLED[name](n=spec.get("num_rows") or 2000, seed=spec.get("seed") or 0)
-        ds, skipped = _with_position(datasets.Dataset.from_list(rows), path, 0), 0
+        ds, skipped = _with_position(datasets.Dataset.from_list(rows), path, 0), []
     elif os.path.exists(path) or any(ch in path for ch in "*?["):
         ds, skipped = _load_local(path, on_error)
     else:
         ds = datasets.load_dataset(path, spec.get("name"), split=spec.get("split") or "train")
-        ds, skipped = _with_position(ds, path, 0), 0
-    return rename_columns(ds, spec.get("columns"), path), skipped
+        ds, skipped = _with_position(ds, path, 0), []
+    return _first_rows(rename_columns(ds, spec.get("columns"), path), spec.get("max_rows"), path), skipped
+
+
+SHORT_FORM = ("path", "format", "split", "max_rows")
+
+
+def sources_overridden(overrides) -> bool:
+    """Whether command-line overrides (Hydra's ``key=value`` strings) set ``data.sources`` or part of it."""
+    keys = (override.split("=", 1)[0].lstrip("+~") for override in overrides)
+    return any(key == "data.sources" or key.startswith("data.sources.") for key in keys)
+
+
+def expand_short_form(data_cfg, sources_given: bool = False) -> None:
+    """Turn ``data.path=<file, folder, glob or hub id>`` (with optional ``data.format``, default auto,
+    ``data.split`` and ``data.max_rows``) into ``data.sources: [{path, format, split, max_rows}]``, in place,
+    replacing the data config's sources; the short keys are then cleared, so the saved config holds one list and
+    expanding again changes nothing. ``sources_given``: data.sources was also set by the user, which is an error."""
+    if data_cfg.get("path") is None:
+        stray = [f"data.{key}" for key in SHORT_FORM[1:] if data_cfg.get(key) is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} given without data.path: they belong to the short form "
+                             "data.path=<file> (for data.sources entries, set sources.<i>.format etc.)")
+        return
+    if sources_given:
+        raise ValueError(f"data.path={data_cfg.path} and data.sources are both given: give one, data.path (a single "
+                         "source, with data.format / data.split / data.max_rows) or data.sources (a list)")
+    source = {"path": data_cfg.path, "format": data_cfg.get("format") or "auto"}
+    source.update({key: data_cfg[key] for key in ("split", "max_rows") if data_cfg.get(key) is not None})
+    data_cfg.sources = [source]
+    for key in SHORT_FORM:
+        data_cfg[key] = None

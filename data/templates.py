@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from data.formats import RowError
+from data.formats import TEMPLATE_REFUSED, RowError
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -97,7 +97,8 @@ class ChatTemplate:
                 _for_chat_template(turns), tokenize=False, add_generation_prompt=generation_prompt
             )
         except TemplateError as err:  # the template's own check of a conversation, e.g. roles must alternate
-            raise RowError(f"the tokenizer's chat template refused this conversation: {err}") from None
+            raise RowError(f"the tokenizer's chat template refused this conversation: {err}",
+                           TEMPLATE_REFUSED) from None
 
     def _with_system_turn(self, turns: list[dict]) -> list[dict]:
         template = self.tokenizer.chat_template
@@ -165,7 +166,7 @@ class AlpacaTemplate:
     def prompt(self, turns: list[dict]) -> str:
         users = [t for t in turns if t["role"] == "user"]
         if len(users) != 1 or any(t["role"] == "assistant" for t in turns):
-            raise RowError("the alpaca template takes exactly one user turn")
+            raise RowError("the alpaca template takes exactly one user turn", TEMPLATE_REFUSED)
         user = users[0]
         if user.get("input"):
             return ALPACA_WITH_INPUT.format(instruction=user["content"], input=user["input"])
@@ -173,7 +174,7 @@ class AlpacaTemplate:
 
     def segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
         if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise RowError("the alpaca template needs one user turn followed by one assistant turn")
+            raise RowError("the alpaca template needs one user turn followed by one assistant turn", TEMPLATE_REFUSED)
         return [(self.prompt(turns[:-1]), False), (turns[-1]["content"] + self.tokenizer.eos_token, True)]
 
 

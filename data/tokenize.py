@@ -23,7 +23,7 @@ with ``data.on_error=skip`` are dropped and counted in the log.
 
 from __future__ import annotations
 
-from data.formats import PAIR_FORMATS, SFT_FORMATS, RowError
+from data.formats import CONVERSATION_SHAPE, PAIR_FORMATS, PROMPT_TOO_LONG, SFT_FORMATS, RowError
 from data.templates import encode_segments
 
 TRUNCATION_POLICIES = ("fixed_budget", "shared_budget", "drop")
@@ -59,7 +59,8 @@ def sft_example(row: dict, fmt: str, template, tokenizer, max_length: int, trunc
     ids, mask = encode_segments(tokenizer, template.segments(turns))
     first_target = mask.index(1)
     if first_target >= max_length - 1:
-        raise RowError(f"prompt has {first_target} tokens, no room for a response within data.max_length={max_length}")
+        raise RowError(f"prompt has {first_target} tokens, no room for a response within data.max_length={max_length}",
+                       PROMPT_TOO_LONG)
     status = "ok"
     if len(ids) > max_length:
         if truncation == "drop":
@@ -84,7 +85,7 @@ def pair_example(
     prompt, chosen_ids = _response_ids(template, tokenizer, prompt_turns, chosen)
     prompt_r, rejected_ids = _response_ids(template, tokenizer, prompt_turns, rejected)
     if prompt != prompt_r:
-        raise RowError("chosen and rejected render different prompts")
+        raise RowError("chosen and rejected render different prompts", CONVERSATION_SHAPE)
     status = "ok"
     if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > max_length:
         if truncation == "drop":
@@ -100,7 +101,7 @@ def pair_example(
 
 
 def tokenize_row(row: dict, *, kind: str, fmt: str, template, tokenizer, data_cfg) -> dict:
-    """One row of any source; bad rows come back with status 'error' and the reason (for datasets.map)."""
+    """One row of any source; bad rows come back with status 'error', the reason and its kind (for datasets.map)."""
     try:
         if kind == "sft":
             out = sft_example(row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.truncation)
@@ -108,9 +109,9 @@ def tokenize_row(row: dict, *, kind: str, fmt: str, template, tokenizer, data_cf
             out = pair_example(
                 row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation
             )
-        out["error"] = ""
+        out["error"], out["error_kind"] = "", ""
     except RowError as err:
         empty = {"input_ids": [], "target_mask": []} if kind == "sft" else {
             "prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-        out = {**empty, "status": "error", "error": str(err)}
+        out = {**empty, "status": "error", "error": str(err), "error_kind": err.kind}
     return out

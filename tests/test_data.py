@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from data.pipeline import build_datasets
-from data.sources import DataFileError
+from data.sources import DataFileError, expand_short_form, sources_overridden
 from data.templates import build_template, encode_segments
 from trainers.models import tiny_tokenizer
 
@@ -292,3 +292,98 @@ def test_conversation_ending_in_a_user_turn_is_a_bad_row(tok, tmp_path):
     train, _, counts = build_datasets(data_cfg(sources=[{"path": str(path), "format": "messages"}], on_error="skip"),
                                       tok, "sft", 0)
     assert len(train) == 2 and counts["train/error"] == 1
+
+
+# ---- dropped rows by kind -----------------------------------------------------------------------------------------
+def test_dropped_rows_count_under_their_kind_with_one_example_each(tok, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [GOOD,
+            {"instruction": "a", "input": ""},                            # line 2: missing 'output'
+            {"input": "", "output": "b"},                                 # line 3: missing 'instruction'
+            GOOD,
+            {"instruction": "c", "input": "", "output": " "},            # line 5: 'output' is empty
+            {"instruction": "\t", "input": "", "output": "d"},           # line 6: 'instruction' is empty
+            {"instruction": "e", "input": ""},                            # line 7: missing 'output'
+            {"instruction": " ".join(["river"] * 300), "input": "", "output": "ok"}]  # line 8: prompt too long
+    write_jsonl(path, rows, raw_lines=['{"instruction": ', "[1, 2]"])      # lines 9, 10: unreadable
+    cfg = data_cfg(sources=[{"path": str(path), "format": "alpaca"}], on_error="skip", max_length=64)
+    train, _, counts = build_datasets(cfg, tok, "sft", 0)
+    dropped = {kind: d.count for kind, d in counts.dropped.items()}
+    assert dropped == {"missing field": 3, "empty text": 2, "prompt longer than budget": 1, "malformed JSON": 1,
+                       "not a JSON object": 1}
+    # the kinds add up to every row dropped: 10 lines, 2 kept
+    assert sum(dropped.values()) == counts["train/error"] + counts["train/unreadable"] == 10 - len(train) == 8
+    assert counts.dropped["missing field"].example == f"{path} row 2: missing field 'output'"
+    assert counts.dropped["empty text"].example == f"{path} row 5: field 'output' is empty"
+    assert counts.dropped["malformed JSON"].example.startswith(f"{path}:9: malformed JSON line")
+    assert counts.dropped_summary().startswith("dropped 8 rows: missing field 3 (e.g. ")
+
+
+def test_identical_and_over_long_pairs_count_as_kinds_too(tok, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pair = {"prompt": "Reverse: stone river", "chosen": "river stone", "rejected": "stone stone"}
+    write_jsonl(path, [pair, {**pair, "rejected": "river stone"}, {**pair, "chosen": " ".join(["river"] * 300)}])
+    cfg = data_cfg(sources=[{"path": str(path), "format": "pairwise_strings"}], truncation="drop", max_length=64,
+                   max_prompt_length=32)
+    train, _, counts = build_datasets(cfg, tok, "pairs", 0)
+    assert len(train) == 1
+    assert {k: d.count for k, d in counts.dropped.items()} == {"identical responses": 1,
+                                                              "too long (data.truncation=drop)": 1}
+    assert counts.dropped["identical responses"].example == f"{path} row 2"
+    assert counts.dropped["too long (data.truncation=drop)"].example.startswith(f"{path} row 3: ")
+
+
+# ---- max_rows and the short form ----------------------------------------------------------------------------------
+def test_max_rows_keeps_a_sources_first_rows_before_the_eval_split(tok, tmp_path):
+    path = tmp_path / "many.jsonl"
+    write_jsonl(path, [{"instruction": f"row {i}", "input": "", "output": "x"} for i in range(1, 41)])
+    cfg = data_cfg(sources=[{"path": str(path), "format": "alpaca", "max_rows": 10}], eval_fraction=0.2)
+    train, evaluation, _ = build_datasets(cfg, tok, "sft", 0)
+    assert sorted(list(train["_row"]) + list(evaluation["_row"])) == list(range(1, 11)) and len(evaluation) == 2
+    bundled = data_cfg(sources=[{"path": "bundled:instructions", "format": "alpaca", "max_rows": 7}])
+    assert len(build_datasets(bundled, tok, "sft", 0)[0]) == 7
+    with pytest.raises(ValueError, match=r"many\.jsonl.*max_rows=0 is invalid: valid values are null .* or an "
+                                         r"integer > 0"):
+        build_datasets(data_cfg(sources=[{"path": str(path), "format": "alpaca", "max_rows": 0}]), tok, "sft", 0)
+
+
+def test_short_form_is_a_one_source_list(tok, tmp_path):
+    from conftest import make_cfg
+
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(path, [{"prompt": f"q{i}", "completion": "a"} for i in range(1, 21)])
+    cfg = make_cfg([f"data.path={path}", "data.max_rows=5", "data.eval_fraction=0"], fast=False)
+    expand_short_form(cfg.data)
+    assert OmegaConf.to_container(cfg.data.sources) == [{"path": str(path), "format": "auto", "max_rows": 5}]
+    assert (cfg.data.path, cfg.data.max_rows, cfg.data.max_length) == (None, None, 256)  # the rest stays
+    train, _, _ = build_datasets(cfg.data, tok, "sft", 0)
+    assert list(train["_row"]) == [1, 2, 3, 4, 5]
+    # build_datasets expands it too (scripts and the Python API), and the long form's data is replaced
+    cfg = make_cfg([f"data.path={path}", "data.format=prompt_completion", "data.eval_fraction=0"], fast=False)
+    assert len(build_datasets(cfg.data, tok, "sft", 0)[0]) == 20
+
+
+def test_short_form_with_sources_or_without_a_path_is_an_error_naming_the_keys(tmp_path):
+    from conftest import make_cfg
+
+    assert sources_overridden(["data.path=a.jsonl", "data.sources=[{path:b}]"])
+    assert sources_overridden(["+data.sources.0.max_rows=3"]) and not sources_overridden(["data.path=a.jsonl"])
+    cfg = make_cfg(["data.path=a.jsonl"], fast=False)
+    with pytest.raises(ValueError, match=r"data.path=a.jsonl and data.sources are both given: give one"):
+        expand_short_form(cfg.data, sources_given=True)
+    with pytest.raises(ValueError, match=r"data.format, data.max_rows given without data.path"):
+        expand_short_form(make_cfg(["data.format=alpaca", "data.max_rows=3"], fast=False).data)
+
+
+def test_train_py_refuses_data_path_with_data_sources(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "train.py"), "data.path=mine.jsonl",
+                           "data.sources=[{path:other.jsonl}]", f"output_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "data.path=mine.jsonl and data.sources are both given" in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()

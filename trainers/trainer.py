@@ -24,6 +24,7 @@ from data.collate import Collator
 from data.fingerprint import check_same_data_on_every_rank
 from data.pipeline import build_datasets
 from data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
+from data.sources import expand_short_form
 from losses import build_loss
 from losses.base import Metric
 from trainers import checkpoint
@@ -110,6 +111,7 @@ def prepare_run_dir(cfg, resolved: dict, recipe_name: str) -> tuple[str, str | N
 
 class Trainer:
     def __init__(self, cfg, recipe_name: str = "run"):
+        expand_short_form(cfg.data)  # before the config is checked and saved: it records the one-source list
         check_config(cfg)
         self.cfg = cfg
         self.resolved_config = OmegaConf.to_container(cfg, resolve=True)
