@@ -7,6 +7,12 @@ It is called as ``fn(dataset, split=..., seed=..., context=..., **options)``, fi
 then for the eval split; ``context`` is a dict shared by those calls, so statistics fitted on the training
 split (e.g. quantisation bounds) are applied unchanged to the eval split.
 Recipes list them in ``data.stages``: ``[{name: <stage>, <options>...}]``; they run in that order.
+
+Imports go one way: a stage module (data/sftmix.py, data/mctune) imports this registry (and data/sampler.py's, for
+an ordering) and registers with ``@register_stage``; data/pipeline.py imports each built-in stage module once so
+that it registers, and looks stages up here. A stage module never imports the pipeline or anything in trainers/;
+the model passes a method needs (e.g. SFTMix's confidence, trainers/sftmix_scores.py) live in trainers/ and hand
+the stage a file.
 """
 
 from __future__ import annotations

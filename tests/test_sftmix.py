@@ -17,22 +17,14 @@ from data.collate import Collator
 from data.fingerprint import dataset_fingerprint
 from data.pipeline import build_datasets
 from data.sampler import ORDERINGS, micro_batches
-from data.sftmix import (
-    CONFIDENCE_FILE,
-    confidence,
-    perplexities,
-    response_token_counts,
-    score_run,
-    select_checkpoints,
-    sftmix_split,
-    split_groups,
-)
+from data.sftmix import CONFIDENCE_FILE, sftmix_split, split_groups
 from losses import build_loss
 from losses.base import ROLE_SFT, ForwardOutputs
 from losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
 from trainers.forward import CausalLMWithLogProbs, target_logps
 from trainers.models import build_model, build_tokenizer
 from trainers.scoring import rank_batches, score_examples
+from trainers.sftmix_scores import confidence, perplexities, response_token_counts, score_run, select_checkpoints
 
 
 @pytest.fixture(autouse=True)
@@ -204,6 +196,32 @@ def test_pairing_order_with_unequal_halves_repeats_the_smaller_one():
     assert len(set(confident)) == 5 and set(unconfident) == {7, 8, 9}
     with pytest.raises(KeyError, match="sftmix_split"):
         ORDERINGS["sftmix_pairs"](tiny_sft_dataset(), 0, 0)
+
+
+def imported_modules(path: str) -> set[str]:
+    """Every module a source file imports, at module level or inside functions."""
+    import ast
+
+    with open(path) as handle:
+        tree = ast.parse(handle.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_the_data_side_imports_no_trainer_code_and_not_the_pipeline():
+    sftmix_imports = imported_modules(os.path.join(ROOT, "data", "sftmix.py"))
+    assert not [m for m in sftmix_imports if m.split(".")[0] == "trainers"], sftmix_imports
+    assert "data.pipeline" not in sftmix_imports
+    stages_imports = imported_modules(os.path.join(ROOT, "data", "stages.py"))
+    assert not [m for m in stages_imports if m.startswith(("data.", "trainers"))], stages_imports
+    from data.sftmix import sftmix_pairs
+
+    assert ORDERINGS["sftmix_pairs"] is sftmix_pairs
 
 
 # ---- confidence scoring --------------------------------------------------------------------------------------

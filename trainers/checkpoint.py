@@ -136,6 +136,41 @@ def read_state(path: str) -> dict:
         return json.load(handle)
 
 
+def read_model_state(path: str) -> dict:
+    """The model weights of the checkpoint ``path`` as one state dict (keys as Accelerate saved them), for reading a
+    checkpoint's model outside a run (e.g. SFTMix's confidence scoring).
+
+    ``model.safetensors`` (single process / DDP, the tested path) or ``pytorch_model*.bin``; DeepSpeed
+    (``pytorch_model/``) and FSDP sharded (``pytorch_model_fsdp_0/``) states are consolidated on the fly with
+    DeepSpeed's ``zero_to_fp32`` and torch's ``dcp_to_torch_save`` (not exercised by the tests).
+    """
+    import torch
+
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(path, "model.safetensors"))
+    for name in ("pytorch_model.bin", "pytorch_model_fsdp.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+    if os.path.isdir(os.path.join(path, "pytorch_model")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(path, tag="pytorch_model")
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    if os.path.isdir(os.path.join(path, "pytorch_model_fsdp_0")):
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(os.path.join(path, "pytorch_model_fsdp_0"), os.path.join(tmp, "state.pt"))
+            state = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)
+        return state.get("model", state)
+    raise FileNotFoundError(f"{path}: no model state found (model.safetensors, pytorch_model*.bin, "
+                            "pytorch_model/ or pytorch_model_fsdp_0/)")
+
+
 def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -> str:
     from trainers.distributed import zero_stage
 
