@@ -3,12 +3,16 @@ Anthropic HH-RLHF transcripts, column renaming, and format auto-detection."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 
 import pytest
 from omegaconf import OmegaConf
 from test_preference_data import write_jsonl
 
+from data.formats import FORMAT_FIELDS, PAIR_FORMATS, SFT_FORMATS, detect_format
 from data.pipeline import build_datasets
 from trainers.models import tiny_tokenizer
 
@@ -210,3 +214,35 @@ def test_a_chat_template_refusing_a_conversation_makes_a_bad_row(tmp_path):
     with pytest.raises(ValueError, match=r"sharegpt\.jsonl row 2: the tokenizer's chat template refused this "
                                          r"conversation: Conversation roles must alternate user/assistant"):
         build_datasets(data_cfg(path, "sharegpt"), strict, "sft", 0)
+
+
+# ---- docs/data_formats.md against data/formats.py ---------------------------------------------------------------
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data_formats.md")
+
+
+def doc_examples() -> dict[str, list[dict]]:
+    """Each ```json block of the page under the `**<format>**` paragraph that introduces it."""
+    examples: dict[str, list[dict]] = {}
+    for name, block in re.findall(r"^\*\*(\w+)\*\*.*?```json\n(.*?)```", open(DOC).read(), re.M | re.S):
+        examples.setdefault(name, []).append(json.loads(block))
+    return examples
+
+
+def test_the_format_pages_field_table_is_the_code_s():
+    rows = [f"| `{name}` | {'SFT' if name in SFT_FORMATS else 'pairs'} | "
+            + ", ".join(f"`{column}` ({kind})" for column, kind in fields.items()) + " |"
+            for name, fields in FORMAT_FIELDS.items()]
+    assert "| Format | Data | Fields |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n" in open(DOC).read()
+    assert set(FORMAT_FIELDS) == set(SFT_FORMATS) | set(PAIR_FORMATS)
+
+
+def test_each_formats_example_row_on_the_page_is_read_by_it_and_detected_as_it():
+    examples = doc_examples()
+    assert sorted(examples) == sorted(FORMAT_FIELDS) and all(len(rows) == 1 for rows in examples.values())
+    for name, [row] in examples.items():
+        kind = "sft" if name in SFT_FORMATS else "pairs"
+        (SFT_FORMATS | PAIR_FORMATS)[name](row)  # raises RowError if the example is not a valid row
+        column_kinds = {column: "string" if isinstance(value, str) else
+                        "turns" if isinstance(value, list) and all(isinstance(t, dict) for t in value) else None
+                        for column, value in row.items()}
+        assert detect_format(column_kinds, row, kind)[0] == name
