@@ -135,3 +135,13 @@ def test_a_model_config_without_recommendations_or_with_a_bad_range_is_refused_b
     with pytest.raises(ConfigError, match=r"model.recommended.lr_range=\[0.01, 0.001\] is invalid: valid values "
                                           r"are \[low, high\]"):
         check_config(make_cfg(["model.recommended.lr_range=[1e-2,1e-3]"], fast=False))
+
+
+def test_the_readmes_tour_runs_each_model_at_a_rate_inside_its_range():
+    readme = open(os.path.join(os.path.dirname(RECIPES), "README.md")).read()
+    tour = readme.split("## A short tour", 1)[1].split("```", 2)[1]
+    commands = [line.split("#")[0].split("train.py", 1)[1].split() for line in tour.splitlines()
+                if "train.py" in line and "--config-dir" not in line]
+    assert len(commands) >= 6 and ["recipe=simpo", "model=smollm2-135m"] in commands
+    for overrides in commands:
+        assert lr_range_note(make_cfg(overrides, fast=False)) is None, overrides
