@@ -145,3 +145,10 @@ def test_the_readmes_tour_runs_each_model_at_a_rate_inside_its_range():
     assert len(commands) >= 6 and ["recipe=simpo", "model=smollm2-135m"] in commands
     for overrides in commands:
         assert lr_range_note(make_cfg(overrides, fast=False)) is None, overrides
+
+
+def test_a_checkpoint_written_before_model_recommendations_existed_still_resumes():
+    current = {"train": {"lr": 0.003}, "model": {"source": "tiny", "recommended": {"sft_lr": 0.003}}}
+    check_resume_compatible({"train": {"lr": 0.003}, "model": {"source": "tiny"}}, current, "ckpt")
+    with pytest.raises(ConfigError, match="train.lr: 0.001 in the checkpoint, 0.003 now"):
+        check_resume_compatible({"train": {"lr": 0.001}, "model": {"source": "tiny"}}, current, "ckpt")

@@ -164,13 +164,14 @@ def check_config(cfg) -> None:
 # Keys (and key prefixes) a resumed run may change: where the run lives and how it is watched, its length,
 # and settings that change speed or memory but not the numbers (a global batch gives the same update however
 # it is split into micro-batches; chunk and tile sizes are exact). Everything else must match the checkpoint.
+# model.recommended acts only through the train keys a recipe fills from it, which are compared themselves.
 RESUME_MAY_CHANGE = (
     "output_dir", "resume", "export",
     "train.max_steps", "train.epochs",
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.eval_batch_size",
     "train.progress_bar", "train.plot", "train.trackers", "train.wandb_mode", "train.project",
     "train.micro_batch_size", "train.logits_chunk_size", "train.logits_keep_mb", "train.attention_tile",
-    "model.gradient_checkpointing", "data.num_proc", "reference.cache_dir",
+    "model.gradient_checkpointing", "model.recommended", "data.num_proc", "reference.cache_dir",
 )
 
 
