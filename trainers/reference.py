@@ -97,9 +97,7 @@ class Reference:
     ``prepare`` and ``precompute`` run after it, with the prepared policy as the scorer."""
 
     def __init__(self, cfg, model, accelerator, rebuild=None):
-        self.strategy, why = resolve_strategy(cfg)
-        if accelerator.is_main_process:
-            log.info("reference: %s (%s)", self.strategy, why)
+        self.strategy, self.why = resolve_strategy(cfg)
         self.cfg = cfg
         self.accelerator = accelerator
         self.copy = None
@@ -123,7 +121,9 @@ class Reference:
     def prepare(self, policy) -> None:
         """After the policy's ``prepare``: the frozen copy's tensors take the dtypes of the prepared policy's (which
         DeepSpeed casts to bf16/fp16 in its mixed-precision mode), and under ZeRO-3 it becomes a sharded,
-        optimizer-less engine (cast by DeepSpeed the same way)."""
+        optimizer-less engine (cast by DeepSpeed the same way). Logs the strategy and why it was chosen."""
+        if self.accelerator.is_main_process:
+            log.info("reference: %s (%s)", self.strategy, self.why)
         if self.copy is None:
             return
         if zero_stage(self.accelerator) != 3:
