@@ -74,8 +74,6 @@ def make_data(args, tmp: str) -> str:
 def child_ours(args, loss: str, reference: str = "precomputed", extra: tuple[str, ...] = ()) -> dict:
     import torch
 
-    from trainers.metrics import MetricAccumulator
-
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_pref_")
     cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps, reference,
@@ -84,13 +82,11 @@ def child_ours(args, loss: str, reference: str = "precomputed", extra: tuple[str
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
     setup = time.perf_counter() - start
-    accum = MetricAccumulator()
     times, lengths, losses = [], [], []
     for i in range(args.warmup + args.steps):
         seen = len(recorder.seen)
         t = time.perf_counter()
-        losses.append(trainer.train_step(accum))
-        trainer.step += 1
+        losses.append(trainer.train_step().loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             lengths.append([bc.example_lengths(ex) for mb in recorder.seen[seen:] for ex in mb])
@@ -218,8 +214,6 @@ def check_losses(args, loss: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from trainers.metrics import MetricAccumulator
-
     steps = args.check_steps
     tmp = tempfile.mkdtemp(prefix="bench_check_")
     tokenizer = bc.load_tokenizer(args.small)
@@ -231,12 +225,10 @@ def check_losses(args, loss: str) -> dict:
     optimizer = torch.optim.AdamW(naive.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
-    accum = MetricAccumulator()
     ours, theirs = [], []
     for _ in range(steps):
         seen = len(recorder.seen)
-        ours.append(trainer.train_step(accum))
-        trainer.step += 1
+        ours.append(trainer.train_step().loss)
         examples = [ex for mb in recorder.seen[seen:] for ex in mb]
         pc, pr, nc, nr = naive_pair_logps(naive, examples, tokenizer.pad_token_id)
         if loss == "dpo":

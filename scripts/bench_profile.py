@@ -73,18 +73,14 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from trainers.metrics import MetricAccumulator
-
     machine = bc.MachinePeak()
     trainer, recorder = build(args.workload, args)
-    accum = MetricAccumulator()
     for _ in range(args.warmup):
-        trainer.train_step(accum)
-        trainer.step += 1
+        trainer.train_step()
     seen = len(recorder.seen)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         start = time.perf_counter()
-        trainer.train_step(accum)
+        trainer.train_step()
         wall = time.perf_counter() - start
     lengths = [bc.example_lengths(ex) for mb in recorder.seen[seen:] for ex in mb]
     dims = bc.model_dims(trainer.accelerator.unwrap_model(trainer.policy).model)

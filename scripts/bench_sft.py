@@ -62,8 +62,6 @@ def make_data(args, tmp: str) -> str:
 def child_ours(args, packing: bool, extra: tuple[str, ...] = ()) -> dict:
     import torch
 
-    from trainers.metrics import MetricAccumulator
-
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
     cfg = bc.compose_cfg(our_overrides(args, make_data(args, tmp), tmp, args.warmup + args.steps, packing,
@@ -72,13 +70,11 @@ def child_ours(args, packing: bool, extra: tuple[str, ...] = ()) -> dict:
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
     setup = time.perf_counter() - start
-    accum = MetricAccumulator()
     times, lengths, losses = [], [], []
     for i in range(args.warmup + args.steps):
         seen = len(recorder.seen)
         t = time.perf_counter()
-        losses.append(trainer.train_step(accum))
-        trainer.step += 1
+        losses.append(trainer.train_step().loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             lengths.append([bc.example_lengths(ex) for mb in recorder.seen[seen:] for ex in mb])
@@ -165,8 +161,6 @@ def check_losses(args) -> dict:
     """Our Trainer's per-step losses vs the naive full-logits implementation of the same objective."""
     import torch
 
-    from trainers.metrics import MetricAccumulator
-
     tmp = tempfile.mkdtemp(prefix="bench_sft_check_")
     cfg = bc.compose_cfg(our_overrides(args, make_data(args, tmp), tmp, args.check_steps))
     trainer = bc.build_our_trainer(cfg)
@@ -174,12 +168,10 @@ def check_losses(args) -> dict:
     optimizer = torch.optim.AdamW(naive.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     recorder = bc.RecordingCollator(trainer.collator)
     trainer.collator = recorder
-    accum = MetricAccumulator()
     ours, theirs = [], []
     for _ in range(args.check_steps):
         seen = len(recorder.seen)
-        ours.append(trainer.train_step(accum))
-        trainer.step += 1
+        ours.append(trainer.train_step().loss)
         examples = [ex for mb in recorder.seen[seen:] for ex in mb]
         loss = naive_step_loss(naive, examples, trainer.tokenizer.pad_token_id)
         optimizer.zero_grad()

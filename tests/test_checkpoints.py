@@ -237,10 +237,10 @@ def test_metrics_after_a_resume_hold_each_step_once(tmp_path, monkeypatch):
     reset_accelerate()
     original = Trainer.train_step
 
-    def die_at_step_4(self, accum):  # steps 1-3 are logged, the last checkpoint is step 2's
+    def die_at_step_4(self):  # steps 1-3 are logged, the last checkpoint is step 2's
         if self.step == 3:
             raise Killed
-        return original(self, accum)
+        return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", die_at_step_4)
     with pytest.raises(Killed):

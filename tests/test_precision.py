@@ -14,7 +14,6 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from conftest import make_cfg
 
-from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, tiny_tokenizer
 from trainers.optim import build_optimizer
 from trainers.precision import resolve_precision
@@ -101,7 +100,7 @@ def test_a_bf16_step_at_lr_5e_7_applies_adams_update_to_every_weight(tmp_path):
     trainer = Trainer(cfg)
     params = dict(trainer.accelerator.unwrap_model(trainer.policy).named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    trainer.train_step(MetricAccumulator())
+    trainer.train_step()
     optimizer = trainer.optimizer.optimizer
     beta1, eps = cfg.train.betas[0], cfg.train.eps
     moved = total = 0
@@ -192,7 +191,7 @@ def test_master_weights_none_trains_bf16_weights_with_the_kahan_optimizer(tmp_pa
     trainer = Trainer(cfg)
     params = dict(trainer.accelerator.unwrap_model(trainer.policy).named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    trainer.train_step(MetricAccumulator())
+    trainer.train_step()
     optimizer = trainer.optimizer.optimizer
     assert isinstance(optimizer, optimi.AdamW)
     for name, p in params.items():

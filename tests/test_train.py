@@ -11,7 +11,10 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 
 from trainers import checkpoint
-from trainers.trainer import NonFiniteError, Trainer
+from trainers import trainer as trainer_module
+from trainers.config_check import ConfigError
+from trainers.tracking import RunTracker, format_summary, metrics_figure
+from trainers.trainer import NonFiniteError, StepResult, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -108,14 +111,19 @@ def test_lora_export_writes_adapter_and_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     trainer, _ = run(tmp_path, "lora", "train.max_steps=2", "train.eval_every=0", "export.enabled=true",
-                     "model.lora.enabled=true", "model.lora.r=4")
+                     "model.lora.enabled=true", "model.lora.r=4", fit=False)
+    # the run trains a LoRA adapter: only adapter weights learn (a silently full fine-tune would fail here)
+    trained = trainer.accelerator.unwrap_model(trainer.policy).model
+    assert isinstance(trained, PeftModel)
+    learning = [n for n, p in trained.named_parameters() if p.requires_grad]
+    assert learning and all("lora_" in n for n in learning)
+    trainer.fit()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "export")
     assert os.path.exists(tmp_path / "lora" / "export_adapter" / "adapter_model.safetensors")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trainer.policy.model(ids).logits, atol=1e-5, rtol=1e-5)
-    assert PeftModel  # adapter dir is a peft adapter (loaded in test above via export_adapter files)
 
 
 def test_nonfinite_loss_stops_with_a_message_or_is_skipped(tmp_path):
@@ -170,19 +178,23 @@ def test_nan_gradient_is_skipped_and_counted_and_never_exported(tmp_path):
     poison_gradients_at(trainer, {2})
     before_skip = {}
     original = trainer.train_step
+    results = []
 
-    def train_step(accum):
+    def train_step():
         if trainer.step == 1:
             before_skip.update({n: p.detach().clone() for n, p in trainer.policy.named_parameters()})
-        loss = original(accum)
-        if trainer.step == 1:  # the skipped step changed no weight and did not advance the schedule
+        result = original()
+        results.append(result)
+        if result.skipped:  # the skipped step changed no weight and did not advance the schedule
             for name, param in trainer.policy.named_parameters():
                 torch.testing.assert_close(param.detach(), before_skip[name], rtol=0, atol=0)
-        return loss
+        return result
 
     trainer.train_step = train_step
     summary = trainer.fit()
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert [(r.step, r.skipped) for r in results] == [(1, False), (2, True), (3, False), (4, False)]
+    assert all(r.tokens > 0 for r in results)  # the skipped step's own tokens, not a stale count
     assert all(torch.isfinite(t).all() for t in exported_weights(tmp_path / "skip").values())
     lrs = [r["lr"] for r in read_metrics(str(tmp_path / "skip"))]
     assert lrs[1] == lrs[0]  # no scheduler step on the skipped step
@@ -216,6 +228,127 @@ def test_trackers_work_offline_and_the_loss_plot_is_written(tmp_path, monkeypatc
     assert any(d.startswith("offline-run") for d in os.listdir(out / "wandb"))
 
 
-def test_unknown_tracker_is_rejected(tmp_path):
-    with pytest.raises(KeyError, match="valid: wandb, tensorboard"):
+def test_unknown_tracker_is_rejected_before_the_run_directory_is_made(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.trackers=.*mlflow.*valid values are a list of any of wandb, "):
         run(tmp_path, "badtrack", "train.max_steps=1", "train.trackers=[mlflow]")
+    assert not os.path.exists(tmp_path / "badtrack")
+
+
+def test_unknown_data_ordering_is_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(trainer_module, "build_model", no_model)
+    monkeypatch.setattr(trainer_module, "build_tokenizer", no_model)
+    with pytest.raises(ConfigError, match=r"data.ordering='shuffled' is invalid: valid values are one of random, "
+                                          r"sftmix_pairs"):
+        run(tmp_path, "badorder", "+data.ordering=shuffled", fit=False)
+    assert not os.path.exists(tmp_path / "badorder")
+
+
+# ---- the step API --------------------------------------------------------------------------------------------------
+
+def test_train_step_returns_its_result_and_advances_the_step(tmp_path):
+    trainer, _ = run(tmp_path, "api", "train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
+                     fit=False)
+    rows = [b["num_tokens"] for b in trainer._step_batches(0)]
+    first = trainer.train_step()
+    assert isinstance(first, StepResult)
+    assert (first.step, trainer.step, first.skipped) == (1, 1, False)
+    assert len(rows) == 2 and first.tokens == sum(rows)  # both micro-batches, prompts included
+    # the step's metrics are its own: the NTP term averaged over exactly this step's labelled tokens
+    assert first.metrics.reduce(trainer.accelerator)["ntp/loss"] == pytest.approx(first.loss, rel=1e-6)
+    second = trainer.train_step()
+    assert (second.step, trainer.step) == (2, 2)
+    assert second.tokens == sum(b["num_tokens"] for b in trainer._step_batches(1))
+
+
+def test_training_and_evaluation_compute_the_same_loss_for_the_same_examples(tmp_path):
+    """The eval set's loss equals the training objective on a step made of exactly those examples."""
+    trainer, _ = run(tmp_path, "same", "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=4",
+                     "train.eval_batch_size=3", "train.optimizer=sgd", "train.lr=1e-9", fit=False)
+    trainer.train_ds = trainer.eval_ds.select(range(8))
+    trainer.eval_ds = trainer.train_ds
+    trainer.ordering = lambda dataset, seed, epoch: list(range(len(dataset)))
+    evaluated = trainer.evaluate()["loss"]
+    assert trainer.train_step().loss == pytest.approx(evaluated, rel=1e-6)
+
+
+# ---- what a person sees ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_eval_at_start_switch(tmp_path, at_start):
+    _, summary = run(tmp_path, "start", "train.max_steps=2", "train.eval_every=0", f"train.eval_at_start={at_start}")
+    eval_steps = [r["step"] for r in read_metrics(str(tmp_path / "start"), split="eval")]
+    assert eval_steps == ([0, 2] if at_start else [2])
+    assert (summary["eval_before"] is not None) == at_start
+    assert summary["eval_after"]["loss"] > 0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_throughput_counts_only_the_last_logging_interval():
+    clock = FakeClock()
+    tracker = RunTracker(FakeAccelerator(), "unused", 10, 0, make_cfg([]).train, {}, clock=clock)
+    for tokens, seconds, pause in [(1000, 1.0, 0.0), (3000, 1.0, 50.0)]:  # a slow start, then an evaluation
+        tracker.start_step()
+        clock.now += seconds
+        tracker.step(tokens, 1.0)
+        clock.now += pause
+    assert tracker.interval_tokens_per_second() == pytest.approx(2000.0)  # 4000 tokens in 2 s of steps
+    tracker.start_step()
+    clock.now += 0.5
+    tracker.step(3000, 1.0)
+    assert tracker.interval_tokens_per_second() == pytest.approx(6000.0)  # not (7000 / 2.5 s) since the start
+    assert (tracker.tokens, tracker.train_seconds) == (7000, pytest.approx(2.5))
+
+
+class FakeAccelerator:
+    is_main_process = False
+    trackers = []
+
+
+def test_the_plot_has_one_panel_per_metric_family_and_a_title():
+    records = [
+        {"step": 0, "split": "eval", "loss": 0.69, "rewards/accuracies": 0.0, "rewards/margins": 0.0},
+        {"step": 1, "split": "train", "loss": 0.68, "dpo/loss": 0.68, "rewards/accuracies": 0.5,
+         "rewards/margins": 0.01, "grad_norm": 2.0, "lr": 1e-3, "tokens_per_s": 900.0},
+        {"step": 2, "split": "train", "loss": 0.66, "dpo/loss": 0.66, "rewards/accuracies": 0.6,
+         "rewards/margins": 0.02, "grad_norm": 1.5, "lr": 5e-4, "tokens_per_s": 950.0},
+        {"step": 2, "split": "eval", "loss": 0.65, "rewards/accuracies": 0.7, "rewards/margins": 0.03},
+    ]
+    fig = metrics_figure(records, "run_x | recipe dpo | model tiny")
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["loss", "dpo", "grad_norm", "lr", "rewards", "tokens_per_s"]
+    assert fig._suptitle.get_text() == "run_x | recipe dpo | model tiny"
+    labels = sorted(line.get_label() for line in panels["rewards"].get_lines())
+    assert labels == ["eval rewards/accuracies", "eval rewards/margins", "train rewards/accuracies",
+                      "train rewards/margins"]
+    assert [line.get_label() for line in panels["loss"].get_lines()] == ["eval loss", "train loss"]
+
+
+def test_the_run_ends_with_a_summary_of_time_tokens_metrics_and_paths(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        _, summary = run(tmp_path, "summary", "train.max_steps=3", "train.eval_every=0", "train.plot=true",
+                         "export.enabled=true")
+    out = tmp_path / "summary"
+    assert summary["tokens"] > 0 and 0 < summary["train_seconds"] <= summary["wall_seconds"]
+    assert summary["checkpoint"] == str(out / "checkpoints" / "step_0000003")
+    assert summary["export"] == str(out / "export") and summary["curves"] == str(out / "loss_curves.png")
+    text = format_summary(summary)
+    assert text.startswith(f"run finished: 3 steps (0 skipped) in {summary['wall_seconds']:.1f} s, "
+                           f"{summary['train_seconds']:.1f} s of them training; {summary['tokens']:,} tokens")
+    before, after = summary["eval_before"]["loss"], summary["eval_after"]["loss"]
+    assert f"final eval: loss {before:.4f} -> {after:.4f} (before -> after training)" in text
+    assert f"final train: loss {summary['train_last']['loss']:.4f}" in text
+    for path in ("metrics.jsonl", "checkpoints/step_0000003", "export", "loss_curves.png"):
+        assert str(out / path) in text
+    assert text in caplog.text

@@ -18,8 +18,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+import data.pipeline  # noqa: F401  (imports every module that registers a data.ordering)
+from data.sampler import ORDERINGS
 from trainers.models import DTYPES
 from trainers.optim import OPTIMIZERS, SCHEDULERS
+from trainers.tracking import TRACKERS
 
 _ABSENT = object()
 
@@ -82,6 +85,10 @@ RULES: tuple[Rule, ...] = (
          one_of("no", "bf16", "fp16", "auto", None)),
     Rule("model.dtype", _choices(*DTYPES), one_of(*DTYPES)),
     Rule("data.eval_fraction", "a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    Rule("data.ordering", _choices(*ORDERINGS), one_of(*ORDERINGS)),
+    Rule("train.eval_at_start", _choices(True, False), one_of(True, False)),
+    Rule("train.trackers", "a list of any of " + ", ".join(TRACKERS) + " (or null)",
+         lambda v: v is None or (OmegaConf.is_list(v) or isinstance(v, list)) and all(n in TRACKERS for n in v)),
 )
 
 
@@ -169,7 +176,8 @@ def check_config(cfg) -> None:
 RESUME_MAY_CHANGE = (
     "output_dir", "resume", "export",
     "train.max_steps", "train.epochs",
-    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.eval_batch_size",
+    "train.log_every", "train.eval_every", "train.eval_at_start", "train.save_every", "train.keep_last",
+    "train.eval_batch_size",
     "train.progress_bar", "train.plot", "train.trackers", "train.wandb_mode", "train.project",
     "train.micro_batch_size", "train.logits_chunk_size", "train.logits_keep_mb", "train.attention_tile",
     "model.gradient_checkpointing", "model.recommended", "data.num_proc", "reference.cache_dir",

@@ -31,6 +31,18 @@ class MetricAccumulator:
         for unit, n in counts.items():
             self.unit_counts[unit] = self.unit_counts.get(unit, 0.0) + n
 
+    def merge(self, other: MetricAccumulator) -> None:
+        """Add another accumulator's sums, counts and extremes (one step's into its logging interval's)."""
+        for name, total in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + total
+            self.counts[name] = self.counts.get(name, 0.0) + other.counts[name]
+            self.units[name] = other.units[name]
+        for name, (kind, value) in other.extremes.items():
+            old = self.extremes.get(name)
+            pick = min if kind == "min" else max
+            self.extremes[name] = (kind, value if old is None else pick(old[1], value))
+        self.add_units(other.unit_counts)
+
     def reduce(self, accelerator) -> dict[str, float]:
         """Means over all ranks (the same metric names on every rank, in the same order)."""
         names = sorted(self.sums)

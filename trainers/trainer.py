@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
@@ -38,8 +39,9 @@ from trainers.metrics import MetricAccumulator
 from trainers.models import build_model, build_tokenizer
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.precision import resolve_precision
-from trainers.reference import Reference, _to_device
-from trainers.tracking import RunTracker, tracker_names
+from trainers.reference import Reference
+from trainers.scoring import rank_batches, to_device
+from trainers.tracking import RunTracker, format_summary, tracker_names
 
 log = logging.getLogger("tunelab")
 
@@ -52,6 +54,17 @@ def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of this rank's parameters holding NaN or inf (under ZeRO-3, in this rank's shard)."""
     return [name for name, param in module.named_parameters()
             if not torch.isfinite(getattr(param, "ds_tensor", param.data)).all()]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did, as ``Trainer.train_step`` returns it."""
+
+    step: int  # the step just completed, counted from 1; Trainer.step equals it afterwards
+    loss: float  # the objective over the whole global batch (every micro-batch on every rank)
+    tokens: int  # tokens in the step's rows on all ranks, prompts included and padding not
+    metrics: MetricAccumulator  # this rank's unreduced metric sums, merged into the logging interval's
+    skipped: bool  # the loss or gradient norm was non-finite and train.on_nonfinite=skip: no update was applied
 
 
 class RunDirError(FileExistsError):
@@ -114,6 +127,7 @@ class Trainer:
         expand_short_form(cfg.data)  # before the config is checked and saved: it records the one-source list
         check_config(cfg)
         self.cfg = cfg
+        self.recipe_name = recipe_name
         self.resolved_config = OmegaConf.to_container(cfg, resolve=True)
         train = cfg.train
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
@@ -155,10 +169,7 @@ class Trainer:
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
-        ordering = cfg.data.get("ordering", "random")
-        if ordering not in ORDERINGS:
-            raise KeyError(f"unknown data.ordering {ordering!r}; valid: {', '.join(ORDERINGS)}")
-        self.ordering = ORDERINGS[ordering]
+        self.ordering = ORDERINGS[cfg.data.get("ordering", "random")]  # a known name: check_config saw to it
         if self.reference is not None:
             # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model); only the train
             # examples the remaining steps draw
@@ -189,20 +200,21 @@ class Trainer:
         total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
         return dict(zip(units, total.tolist()))
 
-    def _forward_loss(self, batch: dict, counts: dict[str, float]):
-        batch = _to_device(batch, self.accelerator.device)
+    def _loss_sums(self, batch: dict) -> tuple[dict, dict[str, Metric]]:
+        """The loss set's per-unit sums and metrics for one micro-batch: the one forward-and-loss path, shared by
+        training (which divides by the step's global counts) and evaluation (which divides by the eval set's)."""
+        batch = to_device(batch, self.accelerator.device)
         if self.reference is not None:
             self.reference.attach(batch, self.policy)
-        out = self.policy(batch, self.needs)
-        sums, metrics = self.loss_set(out)
-        loss = sum(total / counts[unit] for unit, total in sums.items() if counts[unit] > 0)
-        return loss, metrics
+        return self.loss_set(self.policy(batch, self.needs))
 
     # ---- training ------------------------------------------------------------------------------------------
-    def train_step(self, accum: MetricAccumulator) -> float:
+    def train_step(self) -> StepResult:
+        """Run optimizer step ``self.step + 1`` (or skip it, see StepResult.skipped) and advance ``self.step``."""
         acc = self.accelerator
         batches = self._step_batches(self.step)
         counts = self._global_counts(batches)
+        accum = MetricAccumulator()
         accum.add_units({u: c / acc.num_processes for u, c in counts.items()})
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = 0
@@ -210,14 +222,17 @@ class Trainer:
         for micro, batch in enumerate(batches):
             with acc.accumulate(self.policy), \
                     self.input_noise.applied(batch, self.step, acc.process_index, micro) as batch:
-                loss, metrics = self._forward_loss(batch, counts)
+                sums, metrics = self._loss_sums(batch)
+                loss = sum(total / counts[unit] for unit, total in sums.items() if counts[unit] > 0)
                 # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over ranks:
                 # undo both so the gradient is that of the global-batch mean.
                 acc.backward(loss * acc.num_processes * self.accumulation)
                 step_loss += loss.detach().double()
                 accum.add(metrics)
                 tokens += batch["num_tokens"]
-        step_loss = float(acc.reduce(step_loss, reduction="sum"))
+        local = torch.stack([step_loss, torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
+        step_loss, tokens = acc.reduce(local, reduction="sum").tolist()
+        result = lambda skipped: StepResult(self.step, step_loss, int(tokens), accum, skipped)  # noqa: E731
         grad_norm = self._grad_norm()
         if grad_norm is not None:
             accum.add({"grad_norm": Metric(grad_norm)})
@@ -237,12 +252,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             log.warning("%s at step %d: step skipped (%d so far)", what, self.step + 1, self.skipped_steps)
-            return step_loss
+            self.step += 1
+            return result(True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._tokens = tokens
-        return step_loss
+        self.step += 1
+        return result(False)
 
     def _grad_norm(self) -> float | None:
         """The global gradient norm after unscaling, clipped to train.max_grad_norm if set. Without clipping the
@@ -270,24 +286,15 @@ class Trainer:
             return {}
         acc = self.accelerator
         self.policy.eval()
-        n, world = len(self.eval_ds), acc.num_processes
-        per_rank = -(-n // world)
-        mine = list(range(acc.process_index * per_rank, min(n, (acc.process_index + 1) * per_rank)))
-        size = self.cfg.train.eval_batch_size
         accum = MetricAccumulator()
         sums: dict[str, float] = {}
         unit_totals: dict[str, float] = {}
-        for s in range(-(-per_rank // size)):
-            idx = mine[s * size:(s + 1) * size]
+        for idx in rank_batches(len(self.eval_ds), self.cfg.train.eval_batch_size, acc.process_index,
+                                acc.num_processes):
             batch = self.collator([self.eval_ds[i] for i in (idx or [0])])
-            if not idx:  # keep ranks in lockstep; this rank's extra batch is not counted
-                self._forward_loss(batch, batch["counts"])
+            unit_sums, metrics = self._loss_sums(batch)
+            if not idx:  # a forward only to keep the ranks in lockstep: not counted
                 continue
-            batch = _to_device(batch, acc.device)
-            if self.reference is not None:
-                self.reference.attach(batch, self.policy)
-            out = self.policy(batch, self.needs)
-            unit_sums, metrics = self.loss_set(out)
             for unit, total in unit_sums.items():
                 sums[unit] = sums.get(unit, 0.0) + float(total)
             for unit, c in batch["counts"].items():
@@ -320,28 +327,30 @@ class Trainer:
                      cfg.train.global_batch_size, cfg.train.micro_batch_size, acc.num_processes, self.accumulation)
         tracker = RunTracker(acc, self.output_dir, self.total_steps, self.step, cfg.train,
                              OmegaConf.to_container(cfg, resolve=True))
-        first_eval = self.evaluate() if self.step == 0 else None
+        started = tracker.clock()
+        first_eval = self.evaluate() if self.step == 0 and cfg.train.eval_at_start else None
         if first_eval:
             tracker.log(0, "eval", first_eval)
-        accum, interval_losses = MetricAccumulator(), []
-        last_eval = first_eval
-        tracker.start_timer()
+        interval, interval_losses = MetricAccumulator(), []
+        last_eval, saved = first_eval, None
         with StopRequest().listening() as stop:
             while self.step < self.total_steps:
-                step_loss = self.train_step(accum)
-                self.step += 1
-                interval_losses.append(step_loss)
-                tracker.step(getattr(self, "_tokens", 0) * acc.num_processes, step_loss)
+                tracker.start_step()
+                result = self.train_step()
+                tracker.step(result.tokens, result.loss)
+                interval.merge(result.metrics)
+                interval_losses.append(result.loss)
                 last = self.step == self.total_steps
                 signal_number = 0 if last else stop.agreed(acc)
                 if self.step % cfg.train.log_every == 0 or last or signal_number:
-                    metrics = {"loss": sum(interval_losses) / len(interval_losses), **accum.reduce(acc),
-                               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tracker.tokens_per_second()}
+                    metrics = {"loss": sum(interval_losses) / len(interval_losses), **interval.reduce(acc),
+                               "lr": self.scheduler.get_last_lr()[0],
+                               "tokens_per_s": tracker.interval_tokens_per_second()}
                     if self.skipped_steps:
                         metrics["skipped_steps"] = self.skipped_steps
                     tracker.log(self.step, "train", metrics)
                     self.history.append(metrics)
-                    accum, interval_losses = MetricAccumulator(), []
+                    interval, interval_losses = MetricAccumulator(), []
                 if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
                     last_eval = self.evaluate()
                     if last_eval:
@@ -352,17 +361,24 @@ class Trainer:
                                             {"step": self.step, "skipped_steps": self.skipped_steps,
                                              "config": self.resolved_config}, cfg.train.keep_last)
                 if signal_number:
-                    tracker.close(cfg.train.plot, self.output_dir)
+                    tracker.close(self._plot_title() if cfg.train.plot else None)
                     raise TrainingInterrupted(signal_number, self._interrupted_message(signal_number, saved))
-        tracker.close(cfg.train.plot, self.output_dir)
+        curves = tracker.close(self._plot_title() if cfg.train.plot else None)
+        exported = None
         if cfg.export.enabled:
             self._refuse_nonfinite_weights("the export")
-            export_model(acc, self.policy, self.tokenizer, self.output_dir, cfg.export.merge_lora)
+            exported = export_model(acc, self.policy, self.tokenizer, self.output_dir, cfg.export.merge_lora)
         summary = {"output_dir": self.output_dir, "steps": self.step, "skipped_steps": self.skipped_steps,
                    "eval_before": first_eval, "eval_after": last_eval,
-                   "train_last": self.history[-1] if self.history else None}
-        if acc.is_main_process and first_eval and last_eval:
-            keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last_eval]
-            log.info("eval before -> after training: %s",
-                     ", ".join(f"{k} {first_eval[k]:.4f} -> {last_eval[k]:.4f}" for k in keys))
+                   "train_last": self.history[-1] if self.history else None,
+                   "wall_seconds": tracker.clock() - started, "train_seconds": tracker.train_seconds,
+                   "tokens": tracker.tokens, "metrics_file": tracker.path, "checkpoint": saved, "export": exported,
+                   "curves": curves}
+        if acc.is_main_process:
+            log.info("%s", format_summary(summary))
         return summary
+
+    def _plot_title(self) -> str:
+        model = self.cfg.model
+        return (f"{os.path.basename(self.output_dir)} | recipe {self.recipe_name} | "
+                f"model {model.get('name_or_path') or model.source}")
