@@ -7,6 +7,11 @@ every rank has finished writing. The directory is written under a temporary name
 then, so a run killed mid-save never leaves a directory that looks complete; an existing folder of the same step
 is first renamed aside, then replaced, then deleted. Leftovers of an interrupted save are removed on the next.
 
+A LoRA run's checkpoint (outside DeepSpeed) holds only the weights that change: ``model.safetensors`` lacks the
+frozen base, which a resume rebuilds from the config (the resume check pins every model key) and which is
+bit-identical to the saved run's, since it is never trained. ``trainer_state.json`` records this as
+``"model_weights": "trainable"``; loading then checks that the file holds exactly the model's trainable weights.
+
 Resuming verifies the manifest (sizes and checksums): ``resume=latest|auto`` take the newest checkpoint that
 verifies and log each newer one skipped with its reason; an explicit checkpoint that fails is an error.
 
@@ -29,6 +34,7 @@ import subprocess
 import sys
 
 PREFIX = "step_"
+WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 LEFTOVERS = (".tmp-", ".old-")  # an interrupted save's new folder, and a replaced folder not yet deleted
@@ -174,7 +180,9 @@ def read_model_state(path: str) -> dict:
 def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -> str:
     from trainers.distributed import zero_stage
 
-    state = {**state, "num_processes": accelerator.num_processes, "zero_stage": zero_stage(accelerator)}
+    light = _stores_trainable_weights_only(accelerator)
+    state = {**state, "num_processes": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+             "model_weights": "trainable" if light else "full"}
     root = checkpoint_dir(output_dir)
     final = os.path.join(root, f"{PREFIX}{step:07d}")
     tmp = os.path.join(root, f".tmp-{PREFIX}{step:07d}")
@@ -185,7 +193,12 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    hook = accelerator.register_save_state_pre_hook(_drop_frozen_weights) if light else None
+    try:
+        accelerator.save_state(tmp)
+    finally:
+        if hook is not None:
+            hook.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as handle:
@@ -224,8 +237,62 @@ def load(accelerator, path: str) -> dict:
     if state.get("universal"):
         for engine in accelerator._models:  # DeepSpeed reads this flag only when loading
             engine._config.load_universal_checkpoint = True
-    accelerator.load_state(path)
+    hook = None
+    if state.get("model_weights") == "trainable":
+        hook = accelerator.register_load_state_pre_hook(lambda models, _: _load_trainable_weights(models, path))
+    try:
+        accelerator.load_state(path)
+    finally:
+        if hook is not None:
+            hook.remove()
     return state
+
+
+def _has_adapter(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def _stores_trainable_weights_only(accelerator) -> bool:
+    """A LoRA model whose state dict Accelerate itself writes (DeepSpeed and FSDP write their own files)."""
+    from accelerate.utils import DistributedType
+
+    own_format = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
+    models = accelerator._models
+    return bool(models) and accelerator.distributed_type not in own_format and all(map(_has_adapter, models))
+
+
+def _frozen_names(module) -> set[str]:
+    """State-dict names of the frozen parameters, a tied one under each of its names."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _drop_frozen_weights(models, weights, _output_dir) -> None:
+    """Accelerate's save hook: each model's state dict loses its frozen parameters before it is written."""
+    for i, model in enumerate(models):
+        frozen = _frozen_names(model)
+        weights[i] = {name: tensor for name, tensor in weights[i].items() if name not in frozen}
+
+
+def _load_trainable_weights(models, path: str) -> None:
+    """Accelerate's load hook for a checkpoint without the frozen base: each model takes its trainable weights from
+    the file, which must hold exactly those, and is then removed from the list Accelerate itself loads."""
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        file = os.path.join(path, WEIGHTS_FILE if i == 0 else WEIGHTS_FILE.replace(".", f"_{i}."))
+        device = next(model.parameters()).device
+        saved = load_file(file, device=str(device))
+        expected = set(model.state_dict()) - _frozen_names(model)
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            raise CheckpointError(
+                f"{file} holds the trainable weights of another model (missing: {', '.join(missing[:3]) or 'none'}; "
+                f"not in this model: {', '.join(extra[:3]) or 'none'}): resume with the model and LoRA settings "
+                "that wrote it")
+        model.load_state_dict(saved, strict=False)
+    models.clear()
 
 
 def to_universal(path: str, out: str | None = None) -> str:

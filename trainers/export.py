@@ -2,6 +2,16 @@
 
 ``export/`` holds the full model; for LoRA runs ``export_adapter/`` holds the adapter, and ``export/`` the base
 model with the adapter merged in (``export.merge_lora``; otherwise only the adapter is written).
+
+``peft.AutoPeftModelForCausalLM.from_pretrained(<run>/export_adapter)`` loads the adapter over the base its
+``adapter_config.json`` names. An ``hf`` model's base is its hub id or directory. ``tiny`` and ``gguf`` bases exist
+nowhere in Hugging Face form, so the export writes the frozen base to ``export_base/`` (weights in the dtype the run
+held them in, ``model.dtype``: the de-quantized GGUF weights are exactly what was trained on) and names it by its
+absolute path: peft hands that name to ``from_pretrained``, which resolves a relative one against the working
+directory, not the adapter's. After moving the run directory, name the base explicitly::
+
+    base = AutoModelForCausalLM.from_pretrained("<run>/export_base")
+    model = PeftModel.from_pretrained(base, "<run>/export_adapter")
 """
 
 from __future__ import annotations
@@ -50,6 +60,19 @@ def _plain_copy(model, state: dict):
     return plain
 
 
+def _write_base(model, state: dict, tokenizer, output_dir: str) -> str:
+    """The frozen base of PEFT model ``model`` (``state``: its full state dict) as a Hugging Face model in
+    ``export_base/``; returns that directory's absolute path."""
+    prefix = "base_model.model."
+    base_state = {name[len(prefix):].replace(".base_layer.", "."): tensor for name, tensor in state.items()
+                  if name.startswith(prefix) and ".lora_" not in name}
+    target = os.path.abspath(os.path.join(output_dir, "export_base"))
+    model.get_base_model().save_pretrained(target, state_dict=base_state, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    log.info("base model (for the adapter) exported to %s", target)
+    return target
+
+
 def export_model(accelerator, policy, tokenizer, output_dir: str, merge_lora: bool) -> str:
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(policy).model
@@ -67,7 +90,12 @@ def export_model(accelerator, policy, tokenizer, output_dir: str, merge_lora: bo
                 if sharded:
                     model = _plain_copy(model, state)
                 adapter_dir = os.path.join(output_dir, "export_adapter")
-                model.save_pretrained(adapter_dir, state_dict=None, safe_serialization=True)
+                adapter_config = model.peft_config[model.active_adapter]
+                if adapter_config.base_model_name_or_path is None:
+                    adapter_config.base_model_name_or_path = _write_base(model, state, tokenizer, output_dir)
+                # tunelab never resizes the vocabulary, so the full embedding matrices need not be stored; peft's
+                # "auto" would look for the base's config (on the hub, if not local) to find that out
+                model.save_pretrained(adapter_dir, safe_serialization=True, save_embedding_layers=False)
                 tokenizer.save_pretrained(adapter_dir)
                 log.info("LoRA adapter exported to %s", adapter_dir)
                 if merge_lora:

@@ -107,6 +107,15 @@ def _location(model_cfg) -> tuple[str, dict]:
     return model_cfg.name_or_path, {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
 
 
+def hf_base_reference(model_cfg) -> str | None:
+    """The base model as ``from_pretrained`` finds it (a hub id or an absolute local directory), or None when the
+    source has no Hugging Face form (``tiny``, ``gguf``)."""
+    if model_cfg.source != "hf":
+        return None
+    name = str(model_cfg.name_or_path)
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
 def build_model(model_cfg, tokenizer, seed: int):
     dtype = DTYPES[model_cfg.dtype]
     attn = model_cfg.attn_implementation
@@ -159,6 +168,10 @@ def _add_lora(model, model_cfg):
         target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
     )
     model = get_peft_model(model, config)
+    # What the exported adapter names as its base: a hub id, or a directory made absolute so that loading does not
+    # depend on the working directory. tiny and gguf bases have no Hugging Face directory: None makes the export
+    # write one (trainers/export.py).
+    model.peft_config[model.active_adapter].base_model_name_or_path = hf_base_reference(model_cfg)
     if model_cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()
