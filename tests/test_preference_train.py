@@ -131,6 +131,33 @@ def test_preference_recipe_runs_a_few_steps(tmp_path, recipe):
         assert train_log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     if recipe == "dpo":
         assert train_log[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    first = train_log[0]
+    if recipe == "simpo":
+        # no reference, so no exact value: the mean of softplus(gamma - beta u_i) lies above softplus(gamma - mean
+        # margin) (Jensen) by the spread of the untrained margins (0.05 here); gamma = 0.25 x beta 2 = 0.5, so
+        # a lost gamma lands ~0.4 below the band and a doubled one ~0.4 above it
+        assert 0 <= first["loss"] - softplus(0.5 - first["rewards/margins"]) < 0.1
+    else:
+        assert first["loss"] == pytest.approx(STEP_ONE_LOSS[recipe](first), abs=1e-5)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+# The objective of step 1 from the recipe's numbers. With a reference, policy == reference, so every pair's margin
+# is 0: a sigmoid DPO term is log 2, IPO's (0 - 1/(2 beta))^2 = 1 at beta 0.5, BCO's pair term 2 log 2. A recipe
+# that lost a term, a weight or a hyperparameter on the way to its loss misses its value.
+STEP_ONE_LOSS = {
+    "dpo": lambda m: math.log(2),
+    "ipo": lambda m: 1.0,
+    "wpo": lambda m: math.log(2) * m["wpo/weight_mean"],  # each pair's log 2 times its weight, averaged over pairs
+    "rpo": lambda m: math.log(2) + 0.005 * m["rpo/sft"],  # eta 0.005
+    "rpo_average": lambda m: math.log(2) + 0.2 * m["rpo/sft"],  # eta 0.2
+    "mpo": lambda m: 0.8 * math.log(2) + 0.2 * 2 * math.log(2) + m["ntp/loss"],  # weights 0.8, 0.2, 1
+    "cpo": lambda m: m["cpo/loss"] + m["ntp/loss"],  # CPO term plus the chosen NLL at weight 1
+    "orpo": lambda m: m["ntp/loss"] - 0.1 * m["orpo/log_sigmoid_odds_ratio"],  # NLL - lambda log sigma(log OR)
+}
 
 
 # ---- reference strategies ------------------------------------------------------------------------------------------
