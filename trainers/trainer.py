@@ -232,14 +232,14 @@ class Trainer:
                 tokens += batch["num_tokens"]
         local = torch.stack([step_loss, torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
         step_loss, tokens = acc.reduce(local, reduction="sum").tolist()
-        result = lambda skipped: StepResult(self.step, step_loss, int(tokens), accum, skipped)  # noqa: E731
         grad_norm = self._grad_norm()
         if grad_norm is not None:
             accum.add({"grad_norm": Metric(grad_norm)})
         # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers its
         # scale, so only the loss decides there.
         bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and acc.mixed_precision != "fp16"
-        if not math.isfinite(step_loss) or bad_norm:
+        skipped = not math.isfinite(step_loss) or bad_norm
+        if skipped:
             what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
             if self.cfg.train.on_nonfinite == "stop":
                 applied = ("DeepSpeed applied its optimizer step in memory; nothing was written" if is_deepspeed(acc)
@@ -249,16 +249,14 @@ class Trainer:
                     f"{self.history[-1] if self.history else 'none'}. Lower train.lr, check the data, or set "
                     "train.on_nonfinite=skip to skip such steps and count them."
                 )
-            self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             log.warning("%s at step %d: step skipped (%d so far)", what, self.step + 1, self.skipped_steps)
-            self.step += 1
-            return result(True)
-        self.optimizer.step()
-        self.scheduler.step()
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return result(False)
+        return StepResult(self.step, step_loss, int(tokens), accum, skipped)
 
     def _grad_norm(self) -> float | None:
         """The global gradient norm after unscaling, clipped to train.max_grad_norm if set. Without clipping the
