@@ -10,14 +10,13 @@ from hydra.core.hydra_config import HydraConfig
 from data.sources import expand_short_form, sources_overridden
 from trainers.distributed import end_process_group
 from trainers.interrupt import TrainingInterrupted
+from trainers.logs import setup_logging
 from trainers.trainer import Trainer
 
 
 @hydra.main(config_path="recipes", config_name="config", version_base=None)
 def main(cfg) -> None:
-    logging.getLogger("tunelab").setLevel(logging.INFO)
-    for noisy in ("accelerate", "transformers", "peft", "deepspeed"):  # keep the log to our own lines
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
     expand_short_form(cfg.data, sources_given=sources_overridden(HydraConfig.get().overrides.task))
     try:
