@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from trainers.logs import setup_logging  # noqa: E402
 from trainers.trainer import Trainer  # noqa: E402
 
 QUESTIONS = [
@@ -42,8 +43,7 @@ def show(title: str, model, tokenizer) -> None:
 
 def main(overrides: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("accelerate", "transformers", "datasets", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "recipes"), version_base=None):
         # no fixed output_dir: each demo run gets a fresh runs/demo/<time>_<id> (a used one is refused)
         cfg = compose("config", overrides=["recipe=sft_smollm2_lora_demo", *overrides])
