@@ -4,6 +4,7 @@ loads with peft's AutoPeftModelForCausalLM, offline, and computes what the merge
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
@@ -77,6 +78,24 @@ def test_a_resumed_lora_run_has_the_losses_of_an_uninterrupted_one(tmp_path, mon
     straight, resumed = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "resumed"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_a_lora_checkpoint_without_one_adapter_tensor_is_refused_by_file_and_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "lora"
+    trainer(out, *LORA, "train.max_steps=2").fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    saved = step_dir(out, 2)
+    weights = load_file(os.path.join(saved, "model.safetensors"))
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, os.path.join(saved, "model.safetensors"))
+    checkpoint.write_manifest(saved)  # an intact file of the wrong content: only the key check can tell
+    with pytest.raises(checkpoint.CheckpointError, match=rf"model.safetensors holds the trainable weights of another "
+                                                          rf"model \(missing: {re.escape(dropped)}; not in this "
+                                                          rf"model: none\)"):
+        trainer(out, *LORA, "train.max_steps=3", "resume=latest").fit()
 
 
 def test_a_full_fine_tune_still_stores_the_whole_model(tmp_path):
