@@ -86,13 +86,14 @@ def export_model(accelerator, policy, tokenizer, output_dir: str, merge_lora: bo
             from trainers.distributed import is_partitioned
 
             sharded = any(is_partitioned(p) for p in model.parameters())
+            # read first: wrapping the plain copy fills an empty reference with the base config's own name
+            reference = model.peft_config[model.active_adapter].base_model_name_or_path
             with _zero3_disabled() if sharded else nullcontext():
                 if sharded:
                     model = _plain_copy(model, state)
                 adapter_dir = os.path.join(output_dir, "export_adapter")
-                adapter_config = model.peft_config[model.active_adapter]
-                if adapter_config.base_model_name_or_path is None:
-                    adapter_config.base_model_name_or_path = _write_base(model, state, tokenizer, output_dir)
+                model.peft_config[model.active_adapter].base_model_name_or_path = (
+                    reference or _write_base(model, state, tokenizer, output_dir))
                 # tunelab never resizes the vocabulary, so the full embedding matrices need not be stored; peft's
                 # "auto" would look for the base's config (on the hub, if not local) to find that out
                 model.save_pretrained(adapter_dir, safe_serialization=True, save_embedding_layers=False)
