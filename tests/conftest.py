@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -26,6 +27,16 @@ def make_cfg(overrides: list[str], fast: bool = True):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=RECIPES, version_base=None):
         return compose("config", overrides=(FAST if fast else []) + list(overrides))
+
+
+def two_process_launch() -> list[str]:
+    """The command that runs train.py as two CPU processes (DDP over gloo) on a free port; append overrides."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(RECIPES, "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_port", str(port), os.path.join(ROOT, "train.py")]
 
 
 def read_metrics(output_dir: str, split: str = "train") -> list[dict]:

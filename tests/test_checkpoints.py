@@ -8,13 +8,11 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, make_cfg, read_metrics
+from conftest import ROOT, make_cfg, read_metrics, two_process_launch
 
 from trainers import checkpoint
 from trainers.checkpoint import CheckpointError
@@ -204,12 +202,7 @@ def test_a_used_output_dir_is_refused_unless_resuming(run_copy):
 @pytest.mark.slow
 def test_every_process_of_a_launch_stops_with_the_main_process_refusal(run_copy):
     """The main process decides on the run directory; its refusal reaches the other rank, which does not hang."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(ROOT, "recipes", "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision",
-              "no", "--main_process_port", str(port), os.path.join(ROOT, "train.py")]
+    launch = two_process_launch()
     proc = subprocess.run([*launch, f"output_dir={run_copy}", "train.progress_bar=false", "train.max_steps=1",
                            "data.sources.0.num_rows=400", "export.enabled=false"], cwd=ROOT, timeout=300,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, two_process_launch
 
 HARMLESS = ("Removed shared tensor", "Setting accelerator to CPU", "is_gradient_checkpointing",
             "Could not find a config file", "were not passed to `accelerate launch`", "examples/s", "Writing model")
@@ -63,12 +62,7 @@ def test_other_warnings_still_show_and_other_ranks_print_only_errors():
 
 @pytest.mark.slow
 def test_a_two_process_launch_prints_each_line_once(tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(ROOT, "recipes", "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision",
-              "no", "--main_process_port", str(port), os.path.join(ROOT, "train.py")]
+    launch = two_process_launch()
     proc = subprocess.run([*launch, f"output_dir={tmp_path}", *QUICK, "model.lora.enabled=true"], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=600)
     printed = proc.stdout + proc.stderr
