@@ -40,7 +40,6 @@ from data.fingerprint import dataset_fingerprint
 from trainers.distributed import is_partitioned, zero_stage
 from trainers.forward import CausalLMWithLogProbs
 from trainers.scoring import NO_STATS, score_examples
-from trainers.scoring import to_device as _to_device  # noqa: F401  (trainers/trainer.py imports it from here)
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "precomputed", "frozen_copy", "adapter_disabled")
