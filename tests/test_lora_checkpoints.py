@@ -134,3 +134,23 @@ def test_the_exported_adapter_loads_with_peft_offline_and_matches_the_merged_exp
                                          moved / "export_adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_checkpoint_loads_for_scoring_onto_the_base_built_from_its_config(tmp_path):
+    """SFTMix scores a finished run's checkpoints outside the run: a LoRA checkpoint without its frozen base loads
+    onto the base rebuilt from the run's config and gives back exactly the trained model."""
+    import torch
+
+    from trainers.forward import CausalLMWithLogProbs
+    from trainers.models import build_model
+    from trainers.sftmix_scores import load_checkpoint_weights
+
+    run = trainer(tmp_path / "lora", *LORA, "train.max_steps=2")
+    run.fit()
+    trained = run.accelerator.unwrap_model(run.policy).state_dict()
+    fresh = CausalLMWithLogProbs(build_model(run.cfg.model, run.tokenizer, run.cfg.seed),
+                                 run.cfg.train.logits_chunk_size)
+    load_checkpoint_weights(fresh, step_dir(tmp_path / "lora", 2))
+    restored = fresh.state_dict()
+    assert set(restored) == set(trained)
+    assert all(torch.equal(restored[name], tensor.cpu()) for name, tensor in trained.items())

@@ -27,7 +27,7 @@ from data.collate import Collator
 from data.fingerprint import dataset_fingerprint
 from data.pipeline import build_datasets
 from data.sftmix import CONFIDENCE_FILE, STAGE_NAME, read_scores
-from trainers.checkpoint import PREFIX, checkpoint_dir, complete_checkpoints, read_model_state
+from trainers.checkpoint import PREFIX, checkpoint_dir, complete_checkpoints, read_model_state, read_state
 from trainers.forward import CausalLMWithLogProbs
 from trainers.models import build_model, build_tokenizer
 from trainers.reference import weights_fingerprint
@@ -90,7 +90,9 @@ def scoring_data_cfg(data_cfg):
 
 
 def load_checkpoint_weights(wrapper: torch.nn.Module, checkpoint: str) -> None:
-    """Load a checkpoint's model state into the ``CausalLMWithLogProbs`` wrapper (tied weights may be absent)."""
+    """Load a checkpoint's model state into the ``CausalLMWithLogProbs`` wrapper (tied weights may be absent, and
+    so may the frozen base of a LoRA checkpoint that stores only its trainable weights: the wrapper, built from the
+    run's config, already holds that base, as a resumed run does)."""
     state = read_model_state(checkpoint)
     path = checkpoint
     missing, unexpected = wrapper.load_state_dict(state, strict=False)
@@ -98,6 +100,8 @@ def load_checkpoint_weights(wrapper: torch.nn.Module, checkpoint: str) -> None:
         raise KeyError(f"{path}: unexpected keys for this model config, e.g. {unexpected[:3]}")
     params = dict(wrapper.named_parameters(remove_duplicate=False))
     loaded = {params[name].data_ptr() for name in state if name in params}
+    if read_state(checkpoint).get("model_weights") == "trainable":
+        missing = [name for name in missing if name in params and params[name].requires_grad]
     untied = [name for name in missing if name in params and params[name].data_ptr() not in loaded]
     if untied:
         raise KeyError(f"{path}: missing weights {untied[:3]} (not tied to a loaded weight)")
