@@ -7,11 +7,11 @@ import hydra
 from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 
-from data.sources import expand_short_form, sources_overridden
-from trainers.distributed import end_process_group
-from trainers.interrupt import TrainingInterrupted
-from trainers.logs import setup_logging
-from trainers.trainer import Trainer
+from tunelab.data.sources import expand_short_form, sources_overridden
+from tunelab.trainers.distributed import end_process_group
+from tunelab.trainers.interrupt import TrainingInterrupted
+from tunelab.trainers.logs import setup_logging
+from tunelab.trainers.trainer import Trainer
 
 
 @hydra.main(config_path="recipes", config_name="config", version_base=None)

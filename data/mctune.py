@@ -57,7 +57,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from data.stages import register_stage
+from tunelab.data.stages import register_stage
 
 FOUNDATIONAL: tuple[str, ...] = (
     "t_word", "t_uword", "n_noun", "n_verb", "n_adj", "n_unoun", "n_uverb", "n_uadj", "fkre",

@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from data.mctune import (
+from tunelab.data.mctune import (
     FEATURES,
     FLOAT_FEATURES,
     INT_FEATURES,

@@ -20,13 +20,13 @@ import datasets
 import pyarrow as pa
 from omegaconf import OmegaConf
 
-import data.mctune  # noqa: F401  (registers the mctune stage)
-import data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
-from data.formats import PAIR_FORMATS, RowError, detect_format
-from data.sources import expand_short_form, load_rows
-from data.stages import stages_at
-from data.templates import build_template, formatting_options
-from data.tokenize import tokenize_row, validate_data_config
+import tunelab.data.mctune  # noqa: F401  (registers the mctune stage)
+import tunelab.data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
+from tunelab.data.formats import PAIR_FORMATS, RowError, detect_format
+from tunelab.data.sources import expand_short_form, load_rows
+from tunelab.data.stages import stages_at
+from tunelab.data.templates import build_template, formatting_options
+from tunelab.data.tokenize import tokenize_row, validate_data_config
 
 log = logging.getLogger(__name__)
 

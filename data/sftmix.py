@@ -23,9 +23,9 @@ import os
 
 import torch
 
-from data.fingerprint import dataset_fingerprint
-from data.sampler import register_ordering
-from data.stages import register_stage
+from tunelab.data.fingerprint import dataset_fingerprint
+from tunelab.data.sampler import register_ordering
+from tunelab.data.stages import register_stage
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import datasets
 
-from data import bundled
-from data.formats import FORMAT_FIELDS, OPTIONAL_FIELDS
+from tunelab.data import bundled
+from tunelab.data.formats import FORMAT_FIELDS, OPTIONAL_FIELDS
 
 BUNDLED = {
     "instructions": bundled.instruction_rows,

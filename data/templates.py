@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from data.formats import TEMPLATE_REFUSED, RowError
+from tunelab.data.formats import TEMPLATE_REFUSED, RowError
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -23,8 +23,8 @@ with ``data.on_error=skip`` are dropped and counted in the log.
 
 from __future__ import annotations
 
-from data.formats import CONVERSATION_SHAPE, PAIR_FORMATS, PROMPT_TOO_LONG, SFT_FORMATS, RowError
-from data.templates import encode_segments
+from tunelab.data.formats import CONVERSATION_SHAPE, PAIR_FORMATS, PROMPT_TOO_LONG, SFT_FORMATS, RowError
+from tunelab.data.templates import encode_segments
 
 TRUNCATION_POLICIES = ("fixed_budget", "shared_budget", "drop")
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from losses.base import ForwardOutputs, Metric, Needs
-from losses.registry import LOSSES, PAIR_WEIGHTINGS, lookup
+from tunelab.losses.base import ForwardOutputs, Metric, Needs
+from tunelab.losses.registry import LOSSES, PAIR_WEIGHTINGS, lookup
 
 
 class LossSet:

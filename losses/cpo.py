@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
-from losses.dpo import check_beta, check_label_smoothing, smoothed_sigmoid
-from losses.registry import register_loss
+from tunelab.losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
+from tunelab.losses.dpo import check_beta, check_label_smoothing, smoothed_sigmoid
+from tunelab.losses.registry import register_loss
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
-from losses.registry import register_loss
+from tunelab.losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
+from tunelab.losses.registry import register_loss
 
 
 @dataclass

@@ -37,8 +37,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, mean_metric, preference_metrics
-from losses.registry import register_loss
+from tunelab.losses.base import (
+    STAT_LOGIT_MEAN,
+    ForwardOutputs,
+    Metric,
+    Needs,
+    PairwiseLoss,
+    mean_metric,
+    preference_metrics,
+)
+from tunelab.losses.registry import register_loss
 
 LOG_HALF = -math.log(2.0)
 MAX_AVG_LOGP = -1e-12

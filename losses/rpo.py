@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import ForwardOutputs, Metric, mean_metric
-from losses.dpo import DPOLoss
-from losses.registry import register_loss
+from tunelab.losses.base import ForwardOutputs, Metric, mean_metric
+from tunelab.losses.dpo import DPOLoss
+from tunelab.losses.registry import register_loss
 
 VARIANTS = ("cumulative", "average")
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import (
+from tunelab.losses.base import (
     ROLE_SFT,
     UNIT_SEQUENCES,
     UNIT_TARGET_TOKENS,
@@ -48,7 +48,7 @@ from losses.base import (
     Needs,
     mean_metric,
 )
-from losses.registry import register_loss
+from tunelab.losses.registry import register_loss
 
 ALIGNMENTS = ("overlap", "pad")
 LAMBDA_PER = ("pair", "batch")

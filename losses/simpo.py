@@ -30,9 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
-from losses.dpo import check_beta
-from losses.registry import register_loss
+from tunelab.losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
+from tunelab.losses.dpo import check_beta
+from tunelab.losses.registry import register_loss
 
 LOSS_TYPES = ("sigmoid", "hinge")
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import STAT_LOG_SUM_P2, STAT_MAX_LOGP, ForwardOutputs, Metric, Needs
-from losses.registry import register_pair_weighting
+from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_MAX_LOGP, ForwardOutputs, Metric, Needs
+from tunelab.losses.registry import register_pair_weighting
 
 ALIGNMENTS = {"sampled": STAT_LOG_SUM_P2, "greedy": STAT_MAX_LOGP}
 

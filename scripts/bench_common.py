@@ -104,7 +104,7 @@ def model_overrides(small: bool) -> list[str]:
 
 def load_tokenizer(small: bool):
     """SmolLM2's tokenizer (49152 ids, its chat template) or, with ``small``, the tiny in-process one."""
-    from trainers.models import build_tokenizer
+    from tunelab.trainers.models import build_tokenizer
 
     return build_tokenizer(compose_cfg(model_overrides(small)).model)
 
@@ -120,7 +120,7 @@ def compose_cfg(overrides: list[str]):
 
 def build_our_trainer(cfg):
     """tunelab's real Trainer on ``cfg``."""
-    from trainers.trainer import Trainer
+    from tunelab.trainers.trainer import Trainer
 
     return Trainer(cfg, recipe_name="bench")
 
@@ -335,7 +335,7 @@ def step_timer(times: list, marks: dict):
 def dims_of(reports: list[dict], small: bool) -> dict:
     dims = next((r["dims"] for r in reports if "dims" in r), None)
     if dims is None:
-        from trainers.models import build_model
+        from tunelab.trainers.models import build_model
 
         dims = model_dims(build_model(compose_cfg(model_overrides(small)).model, load_tokenizer(small), 0))
     return dims

@@ -96,7 +96,7 @@ def child_ours(args, loss: str, reference: str = "precomputed", extra: tuple[str
 
 
 def _trl_common(args, tmp: str):
-    from trainers.models import build_model
+    from tunelab.trainers.models import build_model
 
     tokenizer = bc.load_tokenizer(args.small)
     cfg = bc.compose_cfg(bc.model_overrides(args.small))

@@ -104,7 +104,7 @@ def child_trl(args, packing: bool) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from trainers.models import build_model
+    from tunelab.trainers.models import build_model
 
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_trl_sft_")

@@ -17,8 +17,8 @@ sys.path.insert(0, ROOT)
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from trainers.logs import setup_logging  # noqa: E402
-from trainers.trainer import Trainer  # noqa: E402
+from tunelab.trainers.logs import setup_logging  # noqa: E402
+from tunelab.trainers.trainer import Trainer  # noqa: E402
 
 QUESTIONS = [
     [{"role": "user", "content": "What colour is the object?\n\ncarrot"}],

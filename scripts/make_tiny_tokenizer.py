@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainers.models import TINY_TOKENIZER, train_tiny_tokenizer  # noqa: E402
+from tunelab.trainers.models import TINY_TOKENIZER, train_tiny_tokenizer  # noqa: E402
 
 if __name__ == "__main__":
     train_tiny_tokenizer(512).save(TINY_TOKENIZER)

@@ -106,8 +106,8 @@ def source_rows(cfg, on_error: str = "raise"):
     """Per source: (train rows, eval rows or None), split exactly as data/pipeline.py's build_datasets does."""
     from omegaconf import OmegaConf
 
-    from data.pipeline import _apply_weight, _split
-    from data.sources import load_rows
+    from tunelab.data.pipeline import _apply_weight, _split
+    from tunelab.data.sources import load_rows
 
     out = []
     for i, spec in enumerate(cfg.data.sources):
@@ -129,7 +129,7 @@ def build_test_set(cfg, options: dict):
     import datasets
     from omegaconf import OmegaConf
 
-    from data.mctune import (
+    from tunelab.data.mctune import (
         FEATURES,
         add_control_tags,
         add_features,
@@ -137,7 +137,7 @@ def build_test_set(cfg, options: dict):
         fit_quantizer,
         row_features,
     )
-    from data.sources import load_rows
+    from tunelab.data.sources import load_rows
 
     stage = mctune_options(cfg)
     backend, quantize = stage.get("backend", "hanta"), stage.get("quantize", "none")
@@ -180,7 +180,7 @@ def load_model(cfg, which: str, device: str):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.models import DTYPES, build_model, build_tokenizer
+    from tunelab.trainers.models import DTYPES, build_model, build_tokenizer
 
     dtype = DTYPES[cfg.model.dtype] if device == "cuda" else torch.float32
     if which == "base":
@@ -198,8 +198,8 @@ def load_model(cfg, which: str, device: str):
 
 def prompt_ids(rows, cfg, tokenizer, tags_in_prompt: bool) -> list[list[int]]:
     """Token ids of each row's prompt, rendered and tokenized as the training pipeline does."""
-    from data.formats import alpaca
-    from data.templates import build_template, encode_segments, formatting_options
+    from tunelab.data.formats import alpaca
+    from tunelab.data.templates import build_template, encode_segments, formatting_options
 
     template = build_template(cfg.data.template, tokenizer, **formatting_options(cfg.data))
     out = []
@@ -242,7 +242,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 def evaluate_model(options: dict, overrides: list[str]) -> dict:
     import torch
 
-    from data.mctune_eval import run_eval
+    from tunelab.data.mctune_eval import run_eval
 
     started = time.time()
     cfg = load_config(options["run_dir"], overrides)
@@ -279,7 +279,7 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
         "overrides": overrides, "generation_seconds": round(gen_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
     }
-    from data.mctune_eval import write_report
+    from tunelab.data.mctune_eval import write_report
 
     write_report(report, output)
     report["_path"] = output

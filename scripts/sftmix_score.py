@@ -42,7 +42,7 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
 def main(argv: list[str]) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     options, overrides = parse(argv)
-    from trainers.sftmix_scores import score_run
+    from tunelab.trainers.sftmix_scores import score_run
 
     return score_run(
         options["run_dir"],

@@ -13,8 +13,6 @@ from hydra.core.global_hydra import GlobalHydra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 FAST = [
     "train.progress_bar=false",

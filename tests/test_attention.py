@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.collate import Collator, attention_mask
-from losses.base import Needs
-from trainers import attention
-from trainers.attention import query_tiles
-from trainers.forward import CausalLMWithLogProbs
+from tunelab.data.collate import Collator, attention_mask
+from tunelab.losses.base import Needs
+from tunelab.trainers import attention
+from tunelab.trainers.attention import query_tiles
+from tunelab.trainers.forward import CausalLMWithLogProbs
 
 
 def test_query_tiles_start_at_the_first_key_any_query_of_the_tile_sees():
@@ -98,7 +98,7 @@ def test_tiled_sdpa_is_not_written_into_exported_configs(tmp_path):
 def test_attention_that_cannot_take_the_document_mask_is_refused_by_name():
     from omegaconf import OmegaConf
 
-    from trainers.models import build_model, tiny_tokenizer
+    from tunelab.trainers.models import build_model, tiny_tokenizer
 
     cfg = OmegaConf.load("recipes/model/tiny.yaml")
     cfg.attn_implementation = "flash_attention_2"

@@ -14,10 +14,10 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics, two_process_launch
 
-from trainers import checkpoint
-from trainers.checkpoint import CheckpointError
-from trainers.config_check import ConfigError
-from trainers.trainer import RunDirError, Trainer
+from tunelab.trainers import checkpoint
+from tunelab.trainers.checkpoint import CheckpointError
+from tunelab.trainers.config_check import ConfigError
+from tunelab.trainers.trainer import RunDirError, Trainer
 
 
 def reset_accelerate():
@@ -179,7 +179,7 @@ def test_rotation_after_a_fallback_keeps_the_new_checkpoint_over_damaged_later_o
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
-    from trainers import trainer as trainer_module
+    from tunelab.trainers import trainer as trainer_module
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(trainer_module.time, "strftime", lambda fmt: "2026-01-01_00-00-00")

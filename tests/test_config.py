@@ -6,7 +6,7 @@ import pytest
 from conftest import make_cfg
 from hydra.errors import MissingConfigException
 
-from losses import build_loss
+from tunelab.losses import build_loss
 
 
 def test_default_run_is_sft_on_tiny_model_and_bundled_data():

@@ -9,8 +9,8 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg
 
-from trainers import trainer as trainer_module
-from trainers.config_check import ConfigError, check_config, check_resume_compatible, lr_range_note
+from tunelab.trainers import trainer as trainer_module
+from tunelab.trainers.config_check import ConfigError, check_config, check_resume_compatible, lr_range_note
 
 
 @pytest.fixture(autouse=True)
@@ -106,9 +106,9 @@ def test_generic_recipes_take_the_models_rate_micro_batch_and_checkpointing():
 
 def notes(caplog, overrides):
     caplog.clear()
-    with caplog.at_level("WARNING", logger="trainers.config_check"):
+    with caplog.at_level("WARNING", logger="tunelab.trainers.config_check"):
         check_config(make_cfg(overrides, fast=False))
-    return [r.getMessage() for r in caplog.records if r.name == "trainers.config_check"]
+    return [r.getMessage() for r in caplog.records if r.name == "tunelab.trainers.config_check"]
 
 
 def test_an_lr_outside_the_models_range_is_a_note_not_an_error(caplog):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_preference_losses import SEQS, logsig, make_out, pairs, per_pair
 
-from losses import build_loss
-from losses.base import UNIT_PAIRS, UNIT_TARGET_TOKENS
-from losses.cpo import CPOLoss
+from tunelab.losses import build_loss
+from tunelab.losses.base import UNIT_PAIRS, UNIT_TARGET_TOKENS
+from tunelab.losses.cpo import CPOLoss
 
 
 def expected(loss_type: str, beta: float, eps: float = 0.0) -> list[float]:

@@ -7,10 +7,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from data.pipeline import build_datasets
-from data.sources import DataFileError, expand_short_form, sources_overridden
-from data.templates import build_template, encode_segments
-from trainers.models import tiny_tokenizer
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.sources import DataFileError, expand_short_form, sources_overridden
+from tunelab.data.templates import build_template, encode_segments
+from tunelab.trainers.models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +141,11 @@ def test_mixture_weights_split_and_determinism(tok, tmp_path):
 # ---- determinism across processes and ranks ---------------------------------------------------------------------
 FINGERPRINTS_SCRIPT = """
 import json, sys
-sys.path.insert(0, sys.argv[1])
 from omegaconf import OmegaConf
-from data.fingerprint import dataset_fingerprint
-from data.pipeline import build_datasets
-from data.sources import BUNDLED, load_rows
-from trainers.models import tiny_tokenizer
+from tunelab.data.fingerprint import dataset_fingerprint
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.sources import BUNDLED, load_rows
+from tunelab.trainers.models import tiny_tokenizer
 
 out = {}
 for name in BUNDLED:
@@ -190,7 +189,7 @@ def test_bundled_data_and_pipeline_output_do_not_depend_on_the_hash_seed():
 
 
 def test_bundled_pairs_always_differ():
-    from data.bundled import preference_rows
+    from tunelab.data.bundled import preference_rows
 
     rows = preference_rows(20000)
     assert not [r for r in rows if r["chosen"] == r["rejected"]]
@@ -201,7 +200,7 @@ def test_bundled_pairs_always_differ():
 def test_fingerprint_follows_content_not_construction():
     import datasets
 
-    from data.fingerprint import dataset_fingerprint
+    from tunelab.data.fingerprint import dataset_fingerprint
 
     rows = [{"input_ids": [1, 2, 3], "target_mask": [0, 1, 1], "_source": "a.jsonl", "_row": 1},
             {"input_ids": [4, 5], "target_mask": [1, 1], "_source": "a.jsonl", "_row": 2},
@@ -220,7 +219,7 @@ def test_fingerprint_follows_content_not_construction():
 
 
 def test_ranks_with_different_data_are_refused_by_name():
-    from data.fingerprint import DataMismatchError, check_fingerprints_agree
+    from tunelab.data.fingerprint import DataMismatchError, check_fingerprints_agree
 
     same = {"train": "a" * 64, "eval": "b" * 64}
     check_fingerprints_agree([same, dict(same), dict(same)])

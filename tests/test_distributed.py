@@ -123,7 +123,7 @@ def test_zero3_checkpoint_resumes_on_one_process_through_the_universal_format(ru
         subprocess.run([*launch_args("zero3", 1), f"output_dir={out}", *FAST, f"resume={checkpoint}"], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=600, check=True)
     assert "to-universal" in refused.value.stderr + refused.value.stdout
-    converted = subprocess.run([sys.executable, "-m", "trainers.checkpoint", "to-universal", str(checkpoint),
+    converted = subprocess.run([sys.executable, "-m", "tunelab.trainers.checkpoint", "to-universal", str(checkpoint),
                                 str(tmp_path / "universal")], cwd=ROOT, env=env(), capture_output=True, text=True,
                                timeout=300)
     assert converted.returncode == 0, converted.stderr[-3000:]

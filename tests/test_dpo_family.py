@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_preference_losses import SEQS, logsig, make_out, pairs, per_pair
 
-from losses import build_loss
-from losses.base import UNIT_PAIRS, UNIT_TARGET_TOKENS
-from losses.dpo import DPOLoss
+from tunelab.losses import build_loss
+from tunelab.losses.base import UNIT_PAIRS, UNIT_TARGET_TOKENS
+from tunelab.losses.dpo import DPOLoss
 
 
 def sig(x: float) -> float:

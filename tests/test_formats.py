@@ -12,9 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 from test_preference_data import write_jsonl
 
-from data.formats import FORMAT_FIELDS, PAIR_FORMATS, SFT_FORMATS, detect_format
-from data.pipeline import build_datasets
-from trainers.models import tiny_tokenizer
+from tunelab.data.formats import FORMAT_FIELDS, PAIR_FORMATS, SFT_FORMATS, detect_format
+from tunelab.data.pipeline import build_datasets
+from tunelab.trainers.models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ ULTRAFEEDBACK = {
 ])
 def test_auto_detects_the_one_fitting_format_and_logs_it(tok, tmp_path, caplog, row, kind, expected):
     path = write_jsonl(tmp_path / "data.jsonl", [row])
-    with caplog.at_level(logging.INFO, logger="data.pipeline"):
+    with caplog.at_level(logging.INFO, logger="tunelab.data.pipeline"):
         train, _, counts = build_datasets(data_cfg(path, fmt=None), tok, kind, 0)  # no format: auto
     assert f"data.jsonl: format auto -> {expected} (columns " in caplog.text
     assert len(train) == 1 and counts["train/ok"] == 1

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.collate import Collator
-from losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, TOKEN_STATS, Needs
-from trainers import forward as fwd
-from trainers.forward import CausalLMWithLogProbs, fused_head_supported, target_logps
+from tunelab.data.collate import Collator
+from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, TOKEN_STATS, Needs
+from tunelab.trainers import forward as fwd
+from tunelab.trainers.forward import CausalLMWithLogProbs, fused_head_supported, target_logps
 
 TOL = 1e-5
 

@@ -11,10 +11,10 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from test_layout import sft_examples, tiny_model
 
-from data.collate import Collator
-from data.masked_thought import draw_generator, mask_rate, mask_responses
-from trainers.neftune import NEFTune, per_token_lengths
-from trainers.trainer import Trainer
+from tunelab.data.collate import Collator
+from tunelab.data.masked_thought import draw_generator, mask_rate, mask_responses
+from tunelab.trainers.neftune import NEFTune, per_token_lengths
+from tunelab.trainers.trainer import Trainer
 
 
 @pytest.fixture

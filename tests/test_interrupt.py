@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import ROOT, read_metrics
 
-from trainers import checkpoint
-from trainers.interrupt import StopRequest
+from tunelab.trainers import checkpoint
+from tunelab.trainers.interrupt import StopRequest
 
 
 def test_a_signal_only_raises_the_flag_and_handlers_are_restored():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.collate import Collator
-from losses.base import Needs
-from trainers.forward import CausalLMWithLogProbs
+from tunelab.data.collate import Collator
+from tunelab.losses.base import Needs
+from tunelab.trainers.forward import CausalLMWithLogProbs
 
 
 def tiny_model(vocab=64, seed=0):

@@ -34,7 +34,7 @@ def test_a_run_prints_none_of_the_known_harmless_messages(tmp_path, model):
 
 SHOW_OTHERS = """
 import logging, warnings
-from trainers.logs import setup_logging
+from tunelab.trainers.logs import setup_logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 setup_logging(main=True)
 warnings.warn("a real deprecation", FutureWarning)

@@ -11,8 +11,8 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from safetensors import safe_open
 
-from trainers import checkpoint
-from trainers.trainer import Trainer
+from tunelab.trainers import checkpoint
+from tunelab.trainers.trainer import Trainer
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]  # dropout stays on: RNG must resume too
 SHORT = ["train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.log_every=1", "train.eval_every=0",
@@ -141,9 +141,9 @@ def test_a_lora_checkpoint_loads_for_scoring_onto_the_base_built_from_its_config
     onto the base rebuilt from the run's config and gives back exactly the trained model."""
     import torch
 
-    from trainers.forward import CausalLMWithLogProbs
-    from trainers.models import build_model
-    from trainers.sftmix_scores import load_checkpoint_weights
+    from tunelab.trainers.forward import CausalLMWithLogProbs
+    from tunelab.trainers.models import build_model
+    from tunelab.trainers.sftmix_scores import load_checkpoint_weights
 
     run = trainer(tmp_path / "lora", *LORA, "train.max_steps=2")
     run.fit()

@@ -14,7 +14,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from data.mctune import (
+from tunelab.data.mctune import (
     DERIVED,
     FEATURES,
     FLOAT_FEATURES,
@@ -39,7 +39,7 @@ from data.mctune import (
     sample_tags,
     tag_values,
 )
-from data.mctune_eval import evaluate, format_table, resolve_tolerance, run_eval
+from tunelab.data.mctune_eval import evaluate, format_table, resolve_tolerance, run_eval
 
 CAT = "The cat sat on the mat."
 DOGS = "Big dogs don't chase small cats. A big dog chased the happy cat!"

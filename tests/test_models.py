@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from data.collate import Collator
-from data.templates import build_template, encode_segments
-from losses.base import Needs
-from trainers.forward import CausalLMWithLogProbs
-from trainers.models import build_model, build_tokenizer
+from tunelab.data.collate import Collator
+from tunelab.data.templates import build_template, encode_segments
+from tunelab.losses.base import Needs
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.models import build_model, build_tokenizer
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_smollm2_lora_run_exports_a_merged_model_that_from_pretrained_loads(tmp_
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from trainers.export import export_model
+    from tunelab.trainers.export import export_model
 
     cfg = make_cfg(["model=smollm2-135m", "model.lora.enabled=true", "model.lora.r=4"])
     tok = build_tokenizer(cfg.model)

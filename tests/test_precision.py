@@ -14,11 +14,11 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from conftest import make_cfg
 
-from trainers.models import build_model, tiny_tokenizer
-from trainers.optim import build_optimizer
-from trainers.precision import resolve_precision
-from trainers.reference import _match_dtypes
-from trainers.trainer import Trainer
+from tunelab.trainers.models import build_model, tiny_tokenizer
+from tunelab.trainers.optim import build_optimizer
+from tunelab.trainers.precision import resolve_precision
+from tunelab.trainers.reference import _match_dtypes
+from tunelab.trainers.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -232,7 +232,7 @@ def test_a_reference_cache_made_at_another_precision_is_recomputed(tmp_path, cac
 
 
 def test_the_reference_cache_key_changes_with_every_setting_that_changes_the_numbers(monkeypatch):
-    import trainers.reference as reference_module
+    import tunelab.trainers.reference as reference_module
 
     base = ["recipe=dpo", "reference.strategy=precomputed"]
     model = build_model(make_cfg(base).model, tiny_tokenizer(), seed=0)

@@ -7,8 +7,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from data.pipeline import build_datasets
-from trainers.models import tiny_tokenizer
+from tunelab.data.pipeline import build_datasets
+from tunelab.trainers.models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from losses import build_loss
-from losses.base import (
+from tunelab.losses import build_loss
+from tunelab.losses.base import (
     ROLE_CHOSEN,
     ROLE_REJECTED,
     STAT_LOG_SUM_P2,
@@ -19,11 +19,11 @@ from losses.base import (
     UNIT_PAIRS,
     ForwardOutputs,
 )
-from losses.dpo import DPOLoss
-from losses.orpo import ORPOLoss
-from losses.rpo import RPOLoss
-from losses.simpo import SimPOLoss
-from losses.wpo import WPOWeighting
+from tunelab.losses.dpo import DPOLoss
+from tunelab.losses.orpo import ORPOLoss
+from tunelab.losses.rpo import RPOLoss
+from tunelab.losses.simpo import SimPOLoss
+from tunelab.losses.wpo import WPOWeighting
 
 # Two pairs: sequences [chosen0, rejected0, chosen1, rejected1], each a list of per-token log-probs.
 SEQS = [[-0.5, -1.0, -0.25], [-2.0, -0.75], [-1.5, -0.5], [-0.2, -0.3, -0.4, -0.1]]
@@ -368,10 +368,10 @@ def test_gradcheck(loss):
 # ---- DPO at step 0 on a real forward ----------------------------------------------------------------------------
 
 def test_dpo_at_step_zero_with_reference_equal_to_policy_is_log2():
-    from data.collate import Collator
-    from data.pipeline import build_datasets
-    from trainers.forward import CausalLMWithLogProbs
-    from trainers.models import build_model, build_tokenizer
+    from tunelab.data.collate import Collator
+    from tunelab.data.pipeline import build_datasets
+    from tunelab.trainers.forward import CausalLMWithLogProbs
+    from tunelab.trainers.models import build_model, build_tokenizer
 
     cfg = make_cfg(["recipe=dpo", "data.sources.0.num_rows=40"])
     tokenizer = build_tokenizer(cfg.model)

@@ -11,8 +11,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg, read_metrics
 
-from losses import build_loss
-from trainers.trainer import Trainer
+from tunelab.losses import build_loss
+from tunelab.trainers.trainer import Trainer
 
 PREFERENCE_RECIPES = ["dpo", "ipo", "simpo", "rpo", "rpo_average", "wpo", "orpo", "cpo", "mpo"]
 ALL_RECIPES = sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe")) if f.endswith(".yaml"))
@@ -201,7 +201,7 @@ def read_cache(cache_dir) -> list[dict]:
 def test_drawn_examples_are_the_union_of_every_ranks_micro_batches():
     import datasets
 
-    from data.sampler import drawn_examples, micro_batches, random_order
+    from tunelab.data.sampler import drawn_examples, micro_batches, random_order
 
     ds = datasets.Dataset.from_dict({"x": list(range(10))})  # 10 examples, batch 4: 2 steps per epoch
     order0, order1 = random_order(ds, 3, 0), random_order(ds, 3, 1)
@@ -217,9 +217,9 @@ def test_precomputed_reference_scores_only_the_drawn_examples(tmp_path, monkeypa
     pair; 6 steps on that cache score only the 24 pairs steps 4-6 add."""
     import logging
 
-    import trainers.reference
-    import trainers.trainer
-    from data.sampler import drawn_examples
+    import tunelab.trainers.reference as reference_module
+    import tunelab.trainers.trainer as trainer_module
+    from tunelab.data.sampler import drawn_examples
 
     scored = []
 
@@ -227,20 +227,20 @@ def test_precomputed_reference_scores_only_the_drawn_examples(tmp_path, monkeypa
         scored.append(len(kwargs["indices"]))
         return score_examples(*args, **kwargs)
 
-    score_examples = trainers.reference.score_examples
-    monkeypatch.setattr(trainers.reference, "score_examples", counting)
-    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+    score_examples = reference_module.score_examples
+    monkeypatch.setattr(reference_module, "score_examples", counting)
+    with caplog.at_level(logging.INFO, logger="tunelab.trainers.reference"):
         few = step_losses(tmp_path, "few", "reference.strategy=precomputed")
     (train_cache, eval_cache) = read_cache(tmp_path / "ref_cache")
     assert scored == [24, len(eval_cache)] and len(train_cache) == 24
     assert "scoring 24 of 190 train pairs (steps 1-3 draw 24 of them; 0 cached)" in caplog.text
 
-    monkeypatch.setattr(trainers.trainer, "drawn_examples",  # every train pair, as before this change
+    monkeypatch.setattr(trainer_module, "drawn_examples",  # every train pair, as before this change
                         lambda ordering, ds, *rest: list(range(len(ds))))
     every = step_losses(tmp_path, "every", "reference.strategy=precomputed", f"reference.cache_dir={tmp_path / 'all'}")
     assert len(read_cache(tmp_path / "all")[0]) == 190
     assert every == few  # exact: a pair's score does not depend on which others are scored
-    monkeypatch.setattr(trainers.trainer, "drawn_examples", drawn_examples)
+    monkeypatch.setattr(trainer_module, "drawn_examples", drawn_examples)
 
     scored.clear()
     step_losses(tmp_path, "more", "reference.strategy=precomputed", "train.max_steps=6")
@@ -250,20 +250,20 @@ def test_precomputed_reference_scores_only_the_drawn_examples(tmp_path, monkeypa
 def test_auto_reference_is_adapter_disabled_for_lora_and_precomputed_without(tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+    with caplog.at_level(logging.INFO, logger="tunelab.trainers.reference"):
         summary, log = short_run(tmp_path, "auto_lora", "recipe=dpo", "model.lora.enabled=true", "train.lr=1e-2")
     assert "reference: adapter_disabled (auto, LoRA run" in caplog.text
     assert not (tmp_path / "ref_cache").exists()  # no pass before training
     assert log[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6) and log[-1]["loss"] != log[0]["loss"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainers.reference"):
+    with caplog.at_level(logging.INFO, logger="tunelab.trainers.reference"):
         short_run(tmp_path, "auto_full", "recipe=dpo")
     assert "reference: precomputed (auto, no LoRA adapter" in caplog.text and os.listdir(tmp_path / "ref_cache")
 
 
 def test_adapter_disabled_reference_pass_ignores_dropout(tmp_path):
     """The policy trains in train mode; the reference pass must not take the base model's dropout with it."""
-    from data.sampler import micro_batches
+    from tunelab.data.sampler import micro_batches
 
     cfg = make_cfg([f"output_dir={tmp_path / 'run'}", "recipe=dpo", "data.sources.0.num_rows=40",
                     "model.lora.enabled=true", "reference.strategy=adapter_disabled"])

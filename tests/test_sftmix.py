@@ -13,18 +13,24 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics
 
-from data.collate import Collator
-from data.fingerprint import dataset_fingerprint
-from data.pipeline import build_datasets
-from data.sampler import ORDERINGS, micro_batches
-from data.sftmix import CONFIDENCE_FILE, sftmix_split, split_groups
-from losses import build_loss
-from losses.base import ROLE_SFT, ForwardOutputs
-from losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
-from trainers.forward import CausalLMWithLogProbs, target_logps
-from trainers.models import build_model, build_tokenizer
-from trainers.scoring import rank_batches, score_examples
-from trainers.sftmix_scores import confidence, perplexities, response_token_counts, score_run, select_checkpoints
+from tunelab.data.collate import Collator
+from tunelab.data.fingerprint import dataset_fingerprint
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.sampler import ORDERINGS, micro_batches
+from tunelab.data.sftmix import CONFIDENCE_FILE, sftmix_split, split_groups
+from tunelab.losses import build_loss
+from tunelab.losses.base import ROLE_SFT, ForwardOutputs
+from tunelab.losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
+from tunelab.trainers.forward import CausalLMWithLogProbs, target_logps
+from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.scoring import rank_batches, score_examples
+from tunelab.trainers.sftmix_scores import (
+    confidence,
+    perplexities,
+    response_token_counts,
+    score_run,
+    select_checkpoints,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -216,10 +222,10 @@ def imported_modules(path: str) -> set[str]:
 def test_the_data_side_imports_no_trainer_code_and_not_the_pipeline():
     sftmix_imports = imported_modules(os.path.join(ROOT, "data", "sftmix.py"))
     assert not [m for m in sftmix_imports if m.split(".")[0] == "trainers"], sftmix_imports
-    assert "data.pipeline" not in sftmix_imports
+    assert "tunelab.data.pipeline" not in sftmix_imports
     stages_imports = imported_modules(os.path.join(ROOT, "data", "stages.py"))
     assert not [m for m in stages_imports if m.startswith(("data.", "trainers"))], stages_imports
-    from data.sftmix import sftmix_pairs
+    from tunelab.data.sftmix import sftmix_pairs
 
     assert ORDERINGS["sftmix_pairs"] is sftmix_pairs
 
@@ -266,8 +272,8 @@ def reset_accelerate():
 
 @pytest.mark.slow
 def test_reference_then_scores_then_sftmix_training_and_resume(tmp_path, monkeypatch):
-    from trainers import checkpoint
-    from trainers.trainer import Trainer
+    from tunelab.trainers import checkpoint
+    from tunelab.trainers.trainer import Trainer
 
     small = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every=0", "export.enabled=false",
              "data.sources.0.num_rows=120"]

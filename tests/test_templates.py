@@ -23,9 +23,9 @@ from tokenizers.models import BPE
 from transformers import GemmaTokenizer, LlamaTokenizer
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-from data.templates import build_template, encode_segments, formatting_options
-from data.tokenize import pair_example
-from trainers.models import build_tokenizer, tiny_tokenizer
+from tunelab.data.templates import build_template, encode_segments, formatting_options
+from tunelab.data.tokenize import pair_example
+from tunelab.trainers.models import build_tokenizer, tiny_tokenizer
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json
 LLAMA2_CHAT = (

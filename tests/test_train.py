@@ -10,11 +10,11 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 
-from trainers import checkpoint
-from trainers import trainer as trainer_module
-from trainers.config_check import ConfigError
-from trainers.tracking import RunTracker, format_summary, metrics_figure
-from trainers.trainer import NonFiniteError, StepResult, Trainer
+from tunelab.trainers import checkpoint
+from tunelab.trainers import trainer as trainer_module
+from tunelab.trainers.config_check import ConfigError
+from tunelab.trainers.tracking import RunTracker, format_summary, metrics_figure
+from tunelab.trainers.trainer import NonFiniteError, StepResult, Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -20,12 +20,12 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg
 
-from data.collate import Collator
-from data.pipeline import build_datasets
-from losses import build_loss
-from losses.base import STAT_LOG_SUM_P2, UNIT_PAIRS, Needs
-from trainers.forward import CausalLMWithLogProbs
-from trainers.models import build_model, build_tokenizer
+from tunelab.data.collate import Collator
+from tunelab.data.pipeline import build_datasets
+from tunelab.losses import build_loss
+from tunelab.losses.base import STAT_LOG_SUM_P2, UNIT_PAIRS, Needs
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.models import build_model, build_tokenizer
 
 trl = pytest.importorskip("trl")
 N_PAIRS = 6

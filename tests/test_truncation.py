@@ -8,10 +8,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from data.pipeline import build_datasets
-from data.templates import build_template
-from data.tokenize import pair_example
-from trainers.models import tiny_tokenizer
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.templates import build_template
+from tunelab.data.tokenize import pair_example
+from tunelab.trainers.models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ Under DeepSpeed, Accelerate's state is DeepSpeed's own checkpoint (``pytorch_mod
 shards of the weights and optimizer), resumable with the same number of processes. For another number,
 convert it once to DeepSpeed's universal format and resume from the converted directory::
 
-    python -m trainers.checkpoint to-universal runs/x/checkpoints/step_0000100   # -> step_0000100_universal
+    python -m tunelab.trainers.checkpoint to-universal runs/x/checkpoints/step_0000100   # -> step_0000100_universal
     accelerate launch ... train.py ... resume=runs/x/checkpoints/step_0000100_universal
 """
 
@@ -178,7 +178,7 @@ def read_model_state(path: str) -> dict:
 
 
 def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -> str:
-    from trainers.distributed import zero_stage
+    from tunelab.trainers.distributed import zero_stage
 
     light = _stores_trainable_weights_only(accelerator)
     state = {**state, "num_processes": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
@@ -219,7 +219,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
 
 
 def load(accelerator, path: str) -> dict:
-    from trainers.distributed import zero_stage
+    from tunelab.trainers.distributed import zero_stage
 
     state = read_state(path)
     saved_world, saved_stage = state.get("num_processes"), state.get("zero_stage", 0)
@@ -232,7 +232,7 @@ def load(accelerator, path: str) -> dict:
         raise ValueError(
             f"{path} holds ZeRO-{saved_stage} shards of {saved_world} processes and this run is ZeRO-{stage} on "
             f"{accelerator.num_processes}: resume with the same settings, or convert it first with `python -m "
-            f"trainers.checkpoint to-universal {path}` and resume from the directory it prints"
+            f"tunelab.trainers.checkpoint to-universal {path}` and resume from the directory it prints"
         )
     if state.get("universal"):
         for engine in accelerator._models:  # DeepSpeed reads this flag only when loading
@@ -322,5 +322,5 @@ def to_universal(path: str, out: str | None = None) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4) or sys.argv[1] != "to-universal":
-        sys.exit("usage: python -m trainers.checkpoint to-universal <checkpoint dir> [<output dir>]")
+        sys.exit("usage: python -m tunelab.trainers.checkpoint to-universal <checkpoint dir> [<output dir>]")
     print(to_universal(*sys.argv[2:]))

@@ -18,11 +18,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-import data.pipeline  # noqa: F401  (imports every module that registers a data.ordering)
-from data.sampler import ORDERINGS
-from trainers.models import DTYPES
-from trainers.optim import OPTIMIZERS, SCHEDULERS
-from trainers.tracking import TRACKERS
+import tunelab.data.pipeline  # noqa: F401  (imports every module that registers a data.ordering)
+from tunelab.data.sampler import ORDERINGS
+from tunelab.trainers.models import DTYPES
+from tunelab.trainers.optim import OPTIMIZERS, SCHEDULERS
+from tunelab.trainers.tracking import TRACKERS
 
 _ABSENT = object()
 

@@ -27,7 +27,7 @@ def _full_state_dict(accelerator, policy) -> dict | None:
     """The whole model's state dict on the main process (every rank must call this). Under ZeRO-3 DeepSpeed
     gathers the shards layer by layer whether or not ``stage3_gather_16bit_weights_on_model_save`` is set
     (the weights come in the training dtype: fp32, or bf16 under DeepSpeed bf16)."""
-    from trainers.distributed import zero_stage
+    from tunelab.trainers.distributed import zero_stage
 
     if zero_stage(accelerator) == 3:
         return policy._zero3_consolidated_16bit_state_dict()  # what accelerator.get_state_dict uses
@@ -83,7 +83,7 @@ def export_model(accelerator, policy, tokenizer, output_dir: str, merge_lora: bo
     if accelerator.is_main_process:
         is_peft = hasattr(model, "peft_config")
         if is_peft:
-            from trainers.distributed import is_partitioned
+            from tunelab.trainers.distributed import is_partitioned
 
             sharded = any(is_partitioned(p) for p in model.parameters())
             # read first: wrapping the plain copy fills an empty reference with the base config's own name

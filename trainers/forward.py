@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
-from trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
+from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
+from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
 DEFAULT_KEEP_BYTES = 256 * 2 ** 20

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
-from data.masked_thought import draw_generator, mask_rate, mask_responses
-from trainers.neftune import NEFTune
+from tunelab.data.masked_thought import draw_generator, mask_rate, mask_responses
+from tunelab.trainers.neftune import NEFTune
 
 MASKED_THOUGHT_DEFAULTS = {"max_rate": 0.4, "warmup_ratio": 0.66, "mask_token": None}  # authors' GSM8K scripts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import Metric
+from tunelab.losses.base import Metric
 
 
 class MetricAccumulator:

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from trainers.attention import LAYOUT_ATTENTION  # importing it registers attn_implementation="tiled_sdpa"
+from tunelab.trainers.attention import LAYOUT_ATTENTION  # importing it registers attn_implementation="tiled_sdpa"
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def train_tiny_tokenizer(vocab_size: int = 512):
     one vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from data.bundled import corpus
+    from tunelab.data.bundled import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

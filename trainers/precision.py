@@ -74,7 +74,7 @@ def resolve_precision(model_cfg, train_cfg, state) -> Precision:
     """The precision of a run in ``state`` (Accelerate's PartialState: DeepSpeed or not, the device)."""
     from accelerate.utils import DistributedType
 
-    from trainers.models import DTYPES
+    from tunelab.trainers.models import DTYPES
 
     deepspeed = state.distributed_type == DistributedType.DEEPSPEED
     device_type = state.device.type

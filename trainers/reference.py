@@ -36,10 +36,10 @@ import torch
 from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
 
-from data.fingerprint import dataset_fingerprint
-from trainers.distributed import is_partitioned, zero_stage
-from trainers.forward import CausalLMWithLogProbs
-from trainers.scoring import NO_STATS, score_examples
+from tunelab.data.fingerprint import dataset_fingerprint
+from tunelab.trainers.distributed import is_partitioned, zero_stage
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.scoring import NO_STATS, score_examples
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "precomputed", "frozen_copy", "adapter_disabled")

@@ -12,8 +12,8 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from losses.base import Needs
-from trainers.forward import CausalLMWithLogProbs
+from tunelab.losses.base import Needs
+from tunelab.trainers.forward import CausalLMWithLogProbs
 
 NO_STATS = Needs()
 

@@ -23,15 +23,15 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from data.collate import Collator
-from data.fingerprint import dataset_fingerprint
-from data.pipeline import build_datasets
-from data.sftmix import CONFIDENCE_FILE, STAGE_NAME, read_scores
-from trainers.checkpoint import PREFIX, checkpoint_dir, complete_checkpoints, read_model_state, read_state
-from trainers.forward import CausalLMWithLogProbs
-from trainers.models import build_model, build_tokenizer
-from trainers.reference import weights_fingerprint
-from trainers.scoring import score_examples
+from tunelab.data.collate import Collator
+from tunelab.data.fingerprint import dataset_fingerprint
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.sftmix import CONFIDENCE_FILE, STAGE_NAME, read_scores
+from tunelab.trainers.checkpoint import PREFIX, checkpoint_dir, complete_checkpoints, read_model_state, read_state
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.reference import weights_fingerprint
+from tunelab.trainers.scoring import score_examples
 
 log = logging.getLogger(__name__)
 

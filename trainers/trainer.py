@@ -21,27 +21,27 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 
-from data.collate import Collator
-from data.fingerprint import check_same_data_on_every_rank
-from data.pipeline import build_datasets
-from data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
-from data.sources import expand_short_form
-from losses import build_loss
-from losses.base import Metric
-from trainers import checkpoint
-from trainers.config_check import check_config, check_resume_compatible
-from trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
-from trainers.export import export_model
-from trainers.forward import CausalLMWithLogProbs
-from trainers.input_noise import InputNoise
-from trainers.interrupt import StopRequest, TrainingInterrupted
-from trainers.metrics import MetricAccumulator
-from trainers.models import build_model, build_tokenizer
-from trainers.optim import build_optimizer, build_scheduler
-from trainers.precision import resolve_precision
-from trainers.reference import Reference
-from trainers.scoring import rank_batches, to_device
-from trainers.tracking import RunTracker, format_summary, tracker_names
+from tunelab.data.collate import Collator
+from tunelab.data.fingerprint import check_same_data_on_every_rank
+from tunelab.data.pipeline import build_datasets
+from tunelab.data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
+from tunelab.data.sources import expand_short_form
+from tunelab.losses import build_loss
+from tunelab.losses.base import Metric
+from tunelab.trainers import checkpoint
+from tunelab.trainers.config_check import check_config, check_resume_compatible
+from tunelab.trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
+from tunelab.trainers.export import export_model
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.input_noise import InputNoise
+from tunelab.trainers.interrupt import StopRequest, TrainingInterrupted
+from tunelab.trainers.metrics import MetricAccumulator
+from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.optim import build_optimizer, build_scheduler
+from tunelab.trainers.precision import resolve_precision
+from tunelab.trainers.reference import Reference
+from tunelab.trainers.scoring import rank_batches, to_device
+from tunelab.trainers.tracking import RunTracker, format_summary, tracker_names
 
 log = logging.getLogger("tunelab")
 

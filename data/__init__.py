@@ -1,0 +1,1 @@
+"""Data side: reading sources, chat templates, tokenization, packing, collation and data-pipeline stages."""
