@@ -195,3 +195,24 @@ def test_zero2_bf16_frozen_reference_scores_like_the_policy(tmp_path):
         first_eval = next(r for r in map(json.loads, handle) if r["split"] == "eval")
     assert first_eval["step"] == 0
     assert abs(first_eval["loss"] - math.log(2)) < 1e-6 and first_eval["rewards/accuracies"] == 0.0
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_a_deepspeed_lora_checkpoint_leaves_out_the_frozen_base_and_resumes_exactly(tmp_path, config):
+    """DeepSpeed writes only the adapter (its tied-head duplicate of the frozen embedding dropped too); a resume
+    from step 2 rebuilds the base from the config and gives steps 3 and 4 the losses of the uninterrupted run."""
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "train.lr=1e-3", "export.enabled=false"]
+    first, again = tmp_path / "first", tmp_path / "again"
+    train(config, first, *lora)
+    checkpoint = first / "checkpoints" / "step_0000002"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["model_weights"] == "trainable"
+    files = sorted((checkpoint / "pytorch_model").glob("*model_states.pt"))  # ZeRO-3: one per rank
+    assert len(files) == (2 if config == "zero3" else 1)
+    for file in files:
+        module = torch.load(file, weights_only=False)["module"]
+        assert module and all("lora_" in name for name in module), (file.name, sorted(module)[:5])
+    log = train(config, again, *lora, f"resume={checkpoint}")
+    assert "resumed from" in log
+    assert sorted(losses(again)) == [3, 4]
+    for step in (3, 4):
+        assert losses(again)[step] == pytest.approx(losses(first)[step], abs=1e-5), step

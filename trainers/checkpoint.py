@@ -7,10 +7,11 @@ every rank has finished writing. The directory is written under a temporary name
 then, so a run killed mid-save never leaves a directory that looks complete; an existing folder of the same step
 is first renamed aside, then replaced, then deleted. Leftovers of an interrupted save are removed on the next.
 
-A LoRA run's checkpoint (outside DeepSpeed) holds only the weights that change: ``model.safetensors`` lacks the
-frozen base, which a resume rebuilds from the config (the resume check pins every model key) and which is
-bit-identical to the saved run's, since it is never trained. ``trainer_state.json`` records this as
-``"model_weights": "trainable"``; loading then checks that the file holds exactly the model's trainable weights.
+A LoRA run's checkpoint holds only the weights that change: ``model.safetensors`` (DeepSpeed: the module state in
+``pytorch_model/mp_rank_00_model_states.pt``) lacks the frozen base, which a resume rebuilds from the config (the
+resume check pins every model key) and which is bit-identical to the saved run's, since it is never trained.
+``trainer_state.json`` records this as ``"model_weights": "trainable"``; loading then checks that the file holds
+exactly the model's trainable weights. FSDP checkpoints still hold the whole model.
 
 Resuming verifies the manifest (sizes and checksums): ``resume=latest|auto`` take the newest checkpoint that
 verifies and log each newer one skipped with its reason; an explicit checkpoint that fails is an error.
@@ -181,6 +182,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
     from tunelab.trainers.distributed import zero_stage
 
     light = _stores_trainable_weights_only(accelerator)
+    deepspeed = _is_deepspeed(accelerator)
     state = {**state, "num_processes": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
              "model_weights": "trainable" if light else "full"}
     root = checkpoint_dir(output_dir)
@@ -193,12 +195,14 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep_last: int) -
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
-    hook = accelerator.register_save_state_pre_hook(_drop_frozen_weights) if light else None
+    hook = accelerator.register_save_state_pre_hook(_drop_frozen_weights) if light and not deepspeed else None
     try:
-        accelerator.save_state(tmp)
+        accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if light and deepspeed else {}))
     finally:
         if hook is not None:
             hook.remove()
+    if light and deepspeed:
+        _drop_tied_frozen_weights(accelerator, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as handle:
@@ -237,11 +241,14 @@ def load(accelerator, path: str) -> dict:
     if state.get("universal"):
         for engine in accelerator._models:  # DeepSpeed reads this flag only when loading
             engine._config.load_universal_checkpoint = True
-    hook = None
-    if state.get("model_weights") == "trainable":
+    hook, options = None, {}
+    if state.get("model_weights") == "trainable" and _is_deepspeed(accelerator):
+        _check_deepspeed_trainable_weights(accelerator, path)
+        options = {"load_module_strict": False}  # the frozen base stays as built from the config
+    elif state.get("model_weights") == "trainable":
         hook = accelerator.register_load_state_pre_hook(lambda models, _: _load_trainable_weights(models, path))
     try:
-        accelerator.load_state(path)
+        accelerator.load_state(path, **options)
     finally:
         if hook is not None:
             hook.remove()
@@ -254,13 +261,63 @@ def _has_adapter(module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def _stores_trainable_weights_only(accelerator) -> bool:
-    """A LoRA model whose state dict Accelerate itself writes (DeepSpeed and FSDP write their own files)."""
+def _is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
-    own_format = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _stores_trainable_weights_only(accelerator) -> bool:
+    """The policy has a LoRA adapter, and its state dict is written by Accelerate (a save hook drops the frozen
+    weights) or by DeepSpeed (which leaves them out when asked; a DeepSpeed-prepared frozen reference then saves
+    no weights, and is rebuilt from the config like the base). FSDP writes its own sharded files, whole."""
+    from accelerate.utils import DistributedType
+
     models = accelerator._models
-    return bool(models) and accelerator.distributed_type not in own_format and all(map(_has_adapter, models))
+    if not models or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        return False
+    if _is_deepspeed(accelerator):
+        return _has_adapter(models[0].module)
+    return all(map(_has_adapter, models))
+
+
+def _deepspeed_module_file(engine, path: str, index: int) -> str:
+    """This rank's module-state file of a DeepSpeed checkpoint (one per rank under ZeRO-3, else rank 0's)."""
+    return engine._get_ckpt_name(path, "pytorch_model" if index == 0 else f"pytorch_model_{index}")
+
+
+def _drop_tied_frozen_weights(accelerator, path: str) -> None:
+    """DeepSpeed's ``exclude_frozen_parameters`` skips each frozen parameter under its first name only, so a tied
+    one (the LM head sharing the embedding) is still written under its second: drop those too (each rank in the
+    file it wrote)."""
+    import torch
+
+    for i, engine in enumerate(accelerator._models):
+        if not (engine.zero_optimization_partition_weights() or accelerator.is_main_process):
+            continue  # without ZeRO-3 only rank 0 writes the file
+        file = _deepspeed_module_file(engine, path, i)
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        frozen = _frozen_names(engine.module)
+        if any(name in frozen for name in saved["module"]):
+            saved["module"] = {name: t for name, t in saved["module"].items() if name not in frozen}
+            torch.save(saved, file)
+
+
+def _check_deepspeed_trainable_weights(accelerator, path: str) -> None:
+    """Before a non-strict DeepSpeed load: each engine's saved module state holds exactly its trainable weights,
+    so nothing the run trains is silently left at its initial value."""
+    import torch
+
+    for i, engine in enumerate(accelerator._models):
+        file = _deepspeed_module_file(engine, path, i)
+        saved = set(torch.load(file, map_location="cpu", weights_only=False)["module"])
+        expected = set(engine.module.state_dict()) - _frozen_names(engine.module)
+        if saved != expected:
+            missing, extra = sorted(expected - saved), sorted(saved - expected)
+            raise CheckpointError(
+                f"{file} holds the trainable weights of another model (missing: {', '.join(missing[:3]) or 'none'}; "
+                f"not in this model: {', '.join(extra[:3]) or 'none'}): resume with the model and LoRA settings "
+                "that wrote it")
 
 
 def _frozen_names(module) -> set[str]:
