@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelab.losses.base import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, UNIT_PAIRS, UNIT_SEQUENCES, UNIT_TARGET_TOKENS
+from tunelab.data.contract import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, UNIT_PAIRS, UNIT_SEQUENCES, UNIT_TARGET_TOKENS
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The contract between the Trainer core and every loss module.
+"""What every loss module builds on: the ``Loss`` base class, its ``LossOutput`` and logged ``Metric``s.
 
-The core runs one forward pass and hands a loss a ``ForwardOutputs``: per-token and per-sequence
+The core runs one forward pass and hands a loss a ``ForwardOutputs`` (data/contract.py): per-token and per-sequence
 log-probabilities of the labelled (response) tokens, plus whatever optional quantities the loss declared in
 its ``Needs``. A loss returns a *sum* over its items and names the unit those items are counted in
 (``tokens``, ``pairs``, ...); the core divides by the count of that unit over the whole optimizer step
@@ -10,85 +10,19 @@ batch. The core never looks at a loss's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-# Role of each sequence in a batch.
-ROLE_SFT, ROLE_CHOSEN, ROLE_REJECTED = 0, 1, 2
-
-# Units a loss or metric can be averaged over; the collator counts each of them per micro-batch.
-UNIT_TARGET_TOKENS = "target_tokens"  # labelled tokens of SFT and chosen sequences (what NLL averages over)
-UNIT_SEQUENCES = "sequences"  # SFT and chosen sequences
-UNIT_PAIRS = "pairs"
-UNITS = (UNIT_TARGET_TOKENS, UNIT_SEQUENCES, UNIT_PAIRS)
-
-# Optional per-token statistics a loss may ask the forward pass for (computed without gradient).
-STAT_LOGIT_MEAN = "logit_mean"  # mean of the logits over the vocabulary (the logits/* metrics)
-STAT_LOG_SUM_P2 = "log_sum_p2"  # log sum_v p(v)^2 (WPO, sampled alignment)
-STAT_MAX_LOGP = "max_logp"  # max_v log p(v) (WPO, greedy alignment)
-TOKEN_STATS = (STAT_LOGIT_MEAN, STAT_LOG_SUM_P2, STAT_MAX_LOGP)
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a loss requires from the data and the forward pass."""
-
-    pairs: bool = False  # batches of (chosen, rejected) pairs instead of single sequences
-    reference: bool = False  # per-sequence log-probs under a frozen reference model
-    token_stats: frozenset[str] = frozenset()  # subset of TOKEN_STATS
-    hidden_states: bool = False  # final hidden states at labelled positions, and the head to score them
-
-    def __or__(self, other: Needs) -> Needs:
-        return Needs(
-            pairs=self.pairs or other.pairs,
-            reference=self.reference or other.reference,
-            token_stats=self.token_stats | other.token_stats,
-            hidden_states=self.hidden_states or other.hidden_states,
-        )
-
-
-@dataclass
-class ForwardOutputs:
-    """Quantities of one micro-batch over its labelled tokens only.
-
-    N labelled tokens, S sequences, P pairs. ``token_logps`` and ``seq_logps`` carry gradient; everything in
-    ``token_stats`` and ``ref_seq_logps`` is detached.
-    """
-
-    token_logps: torch.Tensor  # [N] log p(target_t | context)
-    token_seq: torch.Tensor  # [N] index of the sequence each token belongs to
-    token_pos: torch.Tensor  # [N] index of the token within its sequence's response (0, 1, ...)
-    token_targets: torch.Tensor  # [N] target token ids
-    seq_logps: torch.Tensor  # [S] sum of token_logps per sequence
-    seq_tokens: torch.Tensor  # [S] number of labelled tokens per sequence (float)
-    seq_role: torch.Tensor  # [S] ROLE_*
-    chosen: torch.Tensor  # [P] sequence index of each pair's chosen response
-    rejected: torch.Tensor  # [P] sequence index of each pair's rejected response
-    seq_group: torch.Tensor  # [S] data-stage group of each sequence (e.g. SFTMix confident=1/unconfident=0)
-    ref_seq_logps: torch.Tensor | None = None  # [S] reference sum log-probs
-    token_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
-    hidden: torch.Tensor | None = None  # [N, d] final hidden states that predict each target
-    score_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h [M,d], y [M]) -> logp [M]
-    pair_weights: torch.Tensor | None = None  # [P] detached per-pair weights (set by a pair weighting, e.g. WPO)
-
-    @property
-    def seq_avg_logps(self) -> torch.Tensor:
-        return self.seq_logps / self.seq_tokens.clamp(min=1)
-
-    def seq_mean_stat(self, name: str) -> torch.Tensor:
-        """Per-sequence mean of a token statistic."""
-        stat = self.token_stats[name]
-        sums = torch.zeros_like(self.seq_tokens).index_add_(0, self.token_seq, stat.to(self.seq_tokens.dtype))
-        return sums / self.seq_tokens.clamp(min=1)
-
-    @property
-    def nll_mask(self) -> torch.Tensor:
-        """[N] tokens an NLL term trains on: SFT sequences and chosen responses."""
-        role = self.seq_role[self.token_seq]
-        return (role == ROLE_SFT) | (role == ROLE_CHOSEN)
+from tunelab.data.contract import (
+    ROLE_CHOSEN,
+    ROLE_REJECTED,
+    STAT_LOGIT_MEAN,
+    UNIT_PAIRS,
+    ForwardOutputs,
+    Needs,
+)
 
 
 @dataclass

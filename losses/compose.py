@@ -20,7 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from tunelab.losses.base import ForwardOutputs, Metric, Needs
+from tunelab.data.contract import ForwardOutputs, Needs
+from tunelab.losses.base import Metric
 from tunelab.losses.registry import LOSSES, PAIR_WEIGHTINGS, lookup
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
+from tunelab.data.contract import STAT_LOGIT_MEAN, ForwardOutputs, Needs
+from tunelab.losses.base import Metric, PairwiseLoss, preference_metrics
 from tunelab.losses.dpo import check_beta, check_label_smoothing, smoothed_sigmoid
 from tunelab.losses.registry import register_loss
 

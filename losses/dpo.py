@@ -53,7 +53,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunelab.losses.base import STAT_LOGIT_MEAN, ForwardOutputs, Metric, Needs, PairwiseLoss, preference_metrics
+from tunelab.data.contract import STAT_LOGIT_MEAN, ForwardOutputs, Needs
+from tunelab.losses.base import Metric, PairwiseLoss, preference_metrics
 from tunelab.losses.registry import register_loss
 
 

@@ -8,7 +8,8 @@ In a preference batch the same term trains on the chosen responses only, which g
 RPO, Pang et al. 2024, arXiv 2404.19733; TRL's ``rpo_alpha``) and ORPO's SFT term by composition.
 """
 
-from tunelab.losses.base import UNIT_TARGET_TOKENS, Loss, LossOutput, mean_metric
+from tunelab.data.contract import UNIT_TARGET_TOKENS
+from tunelab.losses.base import Loss, LossOutput, mean_metric
 from tunelab.losses.registry import register_loss
 
 

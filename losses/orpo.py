@@ -37,15 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tunelab.losses.base import (
-    STAT_LOGIT_MEAN,
-    ForwardOutputs,
-    Metric,
-    Needs,
-    PairwiseLoss,
-    mean_metric,
-    preference_metrics,
-)
+from tunelab.data.contract import STAT_LOGIT_MEAN, ForwardOutputs, Needs
+from tunelab.losses.base import Metric, PairwiseLoss, mean_metric, preference_metrics
 from tunelab.losses.registry import register_loss
 
 LOG_HALF = -math.log(2.0)

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.losses.base import ForwardOutputs, Metric, mean_metric
+from tunelab.data.contract import ForwardOutputs
+from tunelab.losses.base import Metric, mean_metric
 from tunelab.losses.dpo import DPOLoss
 from tunelab.losses.registry import register_loss
 

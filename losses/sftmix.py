@@ -37,17 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.losses.base import (
-    ROLE_SFT,
-    UNIT_SEQUENCES,
-    UNIT_TARGET_TOKENS,
-    ForwardOutputs,
-    Loss,
-    LossOutput,
-    Metric,
-    Needs,
-    mean_metric,
-)
+from tunelab.data.contract import ROLE_SFT, UNIT_SEQUENCES, UNIT_TARGET_TOKENS, ForwardOutputs, Needs
+from tunelab.losses.base import Loss, LossOutput, Metric, mean_metric
 from tunelab.losses.registry import register_loss
 
 ALIGNMENTS = ("overlap", "pad")

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_MAX_LOGP, ForwardOutputs, Metric, Needs
+from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_MAX_LOGP, ForwardOutputs, Needs
+from tunelab.losses.base import Metric
 from tunelab.losses.registry import register_pair_weighting
 
 ALIGNMENTS = {"sampled": STAT_LOG_SUM_P2, "greedy": STAT_MAX_LOGP}

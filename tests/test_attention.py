@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.collate import Collator, attention_mask
-from tunelab.losses.base import Needs
+from tunelab.data.contract import Needs
 from tunelab.trainers import attention
 from tunelab.trainers.attention import query_tiles
 from tunelab.trainers.forward import CausalLMWithLogProbs

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_preference_losses import SEQS, logsig, make_out, pairs, per_pair
 
+from tunelab.data.contract import UNIT_PAIRS, UNIT_TARGET_TOKENS
 from tunelab.losses import build_loss
-from tunelab.losses.base import UNIT_PAIRS, UNIT_TARGET_TOKENS
 from tunelab.losses.dpo import DPOLoss
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.collate import Collator
-from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, TOKEN_STATS, Needs
+from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, TOKEN_STATS, Needs
 from tunelab.trainers import forward as fwd
 from tunelab.trainers.forward import CausalLMWithLogProbs, fused_head_supported, target_logps
 

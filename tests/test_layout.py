@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.collate import Collator
-from tunelab.losses.base import Needs
+from tunelab.data.contract import Needs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 
 

@@ -9,8 +9,8 @@ import torch
 from conftest import make_cfg
 
 from tunelab.data.collate import Collator
+from tunelab.data.contract import Needs
 from tunelab.data.templates import build_template, encode_segments
-from tunelab.losses.base import Needs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from tunelab.losses import build_loss
-from tunelab.losses.base import (
+from tunelab.data.contract import (
     ROLE_CHOSEN,
     ROLE_REJECTED,
     STAT_LOG_SUM_P2,
@@ -19,6 +18,7 @@ from tunelab.losses.base import (
     UNIT_PAIRS,
     ForwardOutputs,
 )
+from tunelab.losses import build_loss
 from tunelab.losses.dpo import DPOLoss
 from tunelab.losses.orpo import ORPOLoss
 from tunelab.losses.rpo import RPOLoss

@@ -14,12 +14,12 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics
 
 from tunelab.data.collate import Collator
+from tunelab.data.contract import ROLE_SFT, ForwardOutputs
 from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.data.pipeline import build_datasets
 from tunelab.data.sampler import ORDERINGS, micro_batches
 from tunelab.data.sftmix import CONFIDENCE_FILE, sftmix_split, split_groups
 from tunelab.losses import build_loss
-from tunelab.losses.base import ROLE_SFT, ForwardOutputs
 from tunelab.losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
 from tunelab.trainers.forward import CausalLMWithLogProbs, target_logps
 from tunelab.trainers.models import build_model, build_tokenizer

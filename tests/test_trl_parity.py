@@ -21,9 +21,9 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg
 
 from tunelab.data.collate import Collator
+from tunelab.data.contract import STAT_LOG_SUM_P2, UNIT_PAIRS, Needs
 from tunelab.data.pipeline import build_datasets
 from tunelab.losses import build_loss
-from tunelab.losses.base import STAT_LOG_SUM_P2, UNIT_PAIRS, Needs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.losses.base import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
+from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
 from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from tunelab.losses.base import Needs
+from tunelab.data.contract import Needs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 
 NO_STATS = Needs()
