@@ -23,8 +23,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 WORDS = """
 the of and to in is was for on that with as by at from his her it an are were which be this had not

@@ -34,9 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 RUNS = ("ours-dpo", "ours-dpo-lean", "ours-dpo-unshared", "ours-dpo-dense-attn", "ours-dpo-live-ref", "trl-dpo",
         "trl-dpo-precomputed", "ours-simpo", "ours-simpo-lean", "trl-simpo")

@@ -12,15 +12,12 @@ also prints the GFLOP/s they reach, so the gap between a step's achieved FLOP/s 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 CATEGORIES = (  # first match wins; names are aten op names
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),

@@ -29,9 +29,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 RUNS = ("ours-sft", "ours-sft-padded", "ours-sft-dense-attn", "trl-sft", "trl-sft-packing")
 ROWS_PER_STEP = 16

@@ -11,14 +11,12 @@ import os
 import sys
 
 import torch
+from hydra import compose, initialize_config_dir
+
+from tunelab.trainers.logs import setup_logging
+from tunelab.trainers.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from tunelab.trainers.logs import setup_logging  # noqa: E402
-from tunelab.trainers.trainer import Trainer  # noqa: E402
 
 QUESTIONS = [
     [{"role": "user", "content": "What colour is the object?\n\ncarrot"}],

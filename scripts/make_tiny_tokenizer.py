@@ -4,12 +4,7 @@ Run only when data/bundled.py's vocabulary changes; the file is committed so tha
 uses the same vocabulary (BPE training itself is not deterministic).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tunelab.trainers.models import TINY_TOKENIZER, train_tiny_tokenizer  # noqa: E402
+from tunelab.trainers.models import TINY_TOKENIZER, train_tiny_tokenizer
 
 if __name__ == "__main__":
     train_tiny_tokenizer(512).save(TINY_TOKENIZER)

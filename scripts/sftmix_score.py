@@ -14,12 +14,7 @@ Multi-GPU: ``accelerate launch scripts/sftmix_score.py run_dir=...`` splits the 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 OWN_KEYS = ("run_dir", "checkpoints", "output", "batch_size", "force")
 
