@@ -97,12 +97,11 @@ def pack_rows(lengths: list[int], row_length: int, packing: bool) -> list[list[i
 
 
 class Collator:
-    def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int, pad_to_multiple: int = 1):
+    def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int):
         self.kind = kind
         self.packing = packing
         self.shared_prompt = shared_prompt
         self.row_length = row_length
-        self.pad_to_multiple = pad_to_multiple
 
     def documents(self, examples: list[dict]) -> tuple[list[Document], list[int]]:
         docs, roles = [], []
@@ -120,7 +119,6 @@ class Collator:
         docs, roles = self.documents(examples)
         rows = pack_rows([len(d.tokens) for d in docs], self.row_length, self.packing)
         width = max(sum(len(docs[d].tokens) for d in row) for row in rows)
-        width = -(-width // self.pad_to_multiple) * self.pad_to_multiple
         n_rows = len(rows)
         input_ids = torch.zeros(n_rows, width, dtype=torch.long)
         position_ids = torch.zeros(n_rows, width, dtype=torch.long)
