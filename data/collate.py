@@ -17,6 +17,7 @@ Because targets only ever point inside their own document, no document's first t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -97,8 +98,9 @@ def pack_rows(lengths: list[int], row_length: int, packing: bool) -> list[list[i
 
 
 class Collator:
-    def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int):
+    def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int, columns=()):
         self.kind = kind
+        self.columns = tuple(columns)  # Needs.columns: per-example values carried to every sequence of the example
         self.packing = packing
         self.shared_prompt = shared_prompt
         self.row_length = row_length
@@ -150,8 +152,8 @@ class Collator:
             "target_seq": target[:, 2],
             "target_pos": target[:, 3],
             "seq_role": seq_role,
-            "seq_group": torch.tensor(
-                [ex.get("group", 0) for ex in examples for _ in range(1 if self.kind == "sft" else 2)]),
+            "seq_columns": {name: sequence_column(examples, name, 1 if self.kind == "sft" else 2)
+                            for name in self.columns},
             "chosen": torch.nonzero(seq_role == ROLE_CHOSEN).flatten(),
             "rejected": torch.nonzero(seq_role == ROLE_REJECTED).flatten(),
             "counts": {
@@ -164,6 +166,19 @@ class Collator:
         if "ref_logps" in examples[0]:
             batch["ref_seq_logps"] = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
         return batch
+
+
+def sequence_column(examples: list[dict], name: str, sequences_per_example: int) -> torch.Tensor:
+    """[S] float32 values of the column ``name``, each example's value repeated for each of its sequences; NaN
+    where an example lacks it (e.g. eval data that a train-only stage left alone)."""
+    values = []
+    for i, ex in enumerate(examples):
+        value = ex.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"column {name!r} of example {i} in the batch is {value!r}; a loss declared it in "
+                             "Needs.columns, which carries one number per example")
+        values += [math.nan if value is None else float(value)] * sequences_per_example
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ class Needs:
     reference: bool = False  # per-sequence log-probs under a frozen reference model
     token_stats: frozenset[str] = frozenset()  # subset of TOKEN_STATS
     hidden_states: bool = False  # final hidden states at labelled positions, and the head to score them
+    # Per-example numeric columns that a data stage adds (e.g. SFTMix's "group"): the collator gives each sequence
+    # its example's value, so a loss reads them as ``ForwardOutputs.seq_columns[name]`` without any core change.
+    columns: frozenset[str] = frozenset()
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -44,6 +47,7 @@ class Needs:
             reference=self.reference or other.reference,
             token_stats=self.token_stats | other.token_stats,
             hidden_states=self.hidden_states or other.hidden_states,
+            columns=self.columns | other.columns,
         )
 
 
@@ -64,12 +68,12 @@ class ForwardOutputs:
     seq_role: torch.Tensor  # [S] ROLE_*
     chosen: torch.Tensor  # [P] sequence index of each pair's chosen response
     rejected: torch.Tensor  # [P] sequence index of each pair's rejected response
-    seq_group: torch.Tensor  # [S] data-stage group of each sequence (e.g. SFTMix confident=1/unconfident=0)
     ref_seq_logps: torch.Tensor | None = None  # [S] reference sum log-probs
     token_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
     hidden: torch.Tensor | None = None  # [N, d] final hidden states that predict each target
     score_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h [M,d], y [M]) -> logp [M]
     pair_weights: torch.Tensor | None = None  # [P] detached per-pair weights (set by a pair weighting, e.g. WPO)
+    seq_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float32, Needs.columns
 
     @property
     def seq_avg_logps(self) -> torch.Tensor:

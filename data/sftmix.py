@@ -9,8 +9,9 @@ data is left alone (no groups), so the eval loss stays the plain NTP loss and is
 
 Pairing (the ``sftmix_pairs`` ordering of ``data/sampler.py``). Each epoch both halves are shuffled from
 (seed, epoch) and interleaved as ``c0, u0, c1, u1, ...``; micro-batches are contiguous slices of an even
-size, so every micro-batch holds whole (confident, unconfident) pairs and the collator's ``seq_group`` shows
-the alternation the ``sftmix`` loss checks. An epoch has ``len(dataset) // 2`` pairs: with halves of
+size, so every micro-batch holds whole (confident, unconfident) pairs and the ``group`` column that the collator
+carries per sequence (the loss declares it in ``Needs.columns``) shows the alternation the ``sftmix`` loss checks.
+An epoch has ``len(dataset) // 2`` pairs: with halves of
 unequal size (``split_ratio != 0.5``) the larger half is truncated to that many (a different subset each
 epoch) and the smaller one is repeated, each repetition freshly shuffled.
 """

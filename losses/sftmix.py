@@ -1,8 +1,9 @@
 """SFTMix's Mixup regularizer (Xiao et al. 2024, arXiv 2410.05248; docs/methods_sftmix.md).
 
 Each training micro-batch holds (confident, unconfident) pairs of SFT examples, placed next to each other by
-the ``sftmix_pairs`` ordering and marked in ``seq_group`` (1 = confident D_c, 0 = unconfident D_u) by the
-``sftmix_split`` data stage. For each pair, with lambda ~ Beta(alpha, alpha), the final hidden states that
+the ``sftmix_pairs`` ordering and marked in the ``group`` column (1 = confident D_c, 0 = unconfident D_u) by the
+``sftmix_split`` data stage; the loss declares the column in ``Needs.columns`` and reads ``out.seq_columns``.
+For each pair, with lambda ~ Beta(alpha, alpha), the final hidden states that
 predict the response tokens are mixed position-wise (k-th response token with k-th response token)::
 
     Z~_k = lambda Z_c,k + (1 - lambda) Z_u,k
@@ -52,7 +53,7 @@ def pair_sequences(out: ForwardOutputs, strict: bool) -> tuple[torch.Tensor, tor
 
     ``strict``: every sequence must belong to a pair of one confident and one unconfident SFT example.
     """
-    role, group = out.seq_role, out.seq_group.to(out.seq_role.device)
+    role, group = out.seq_role, out.seq_columns["group"].to(out.seq_role.device)
     n = role.numel()
     empty = torch.zeros(0, dtype=torch.long, device=role.device)
     hint = ("set data.ordering=sftmix_pairs, list the sftmix_split data stage, and use an even "
@@ -109,7 +110,7 @@ def mixed_token_nll(out: ForwardOutputs, confident: torch.Tensor, unconfident: t
 
 @register_loss("sftmix")
 class SFTMixLoss(Loss):
-    needs = Needs(hidden_states=True)
+    needs = Needs(hidden_states=True, columns=frozenset({"group"}))
 
     def __init__(self, alpha: float = 0.5, alignment: str = "overlap", lambda_per: str = "pair",
                  normalize: str = "tokens"):

@@ -51,7 +51,6 @@ def make_out(seqs=SEQS, ref=REF, stats=None, token_logps=None) -> ForwardOutputs
         seq_role=roles,
         chosen=torch.nonzero(roles == ROLE_CHOSEN).flatten(),
         rejected=torch.nonzero(roles == ROLE_REJECTED).flatten(),
-        seq_group=torch.zeros(n_seq, dtype=torch.long),
         ref_seq_logps=None if ref is None else torch.tensor(ref, dtype=torch.float64),
         token_stats={name: torch.tensor(values, dtype=torch.float64) for name, values in (stats or {}).items()},
     )

@@ -63,7 +63,7 @@ def outputs(hidden_per_seq, targets_per_seq, groups):
         token_logps=logps, token_seq=seq, token_pos=pos, token_targets=targets,
         seq_logps=torch.zeros(n).index_add(0, seq, logps), seq_tokens=torch.bincount(seq, minlength=n).float(),
         seq_role=torch.full((n,), ROLE_SFT), chosen=torch.zeros(0, dtype=torch.long),
-        rejected=torch.zeros(0, dtype=torch.long), seq_group=torch.tensor(groups),
+        rejected=torch.zeros(0, dtype=torch.long), seq_columns={"group": torch.tensor(groups, dtype=torch.float32)},
     )
     out.hidden = hidden
     out.score_hidden = lambda h, y: target_logps(HEAD, h, y, chunk_size=2)[0]
@@ -296,7 +296,7 @@ def test_reference_then_scores_then_sftmix_training_and_resume(tmp_path, monkeyp
     trainer = mix("mix")
     assert sum(trainer.train_ds["group"]) == 57
     for batch in trainer._step_batches(0):
-        assert batch["seq_group"].tolist() == [1, 0, 1, 0]
+        assert batch["seq_columns"]["group"].tolist() == [1, 0, 1, 0]
     summary = trainer.fit()
     logged = read_metrics(str(tmp_path / "mix"))
     assert len(logged) == 2 and all(r["sftmix/loss"] > 0 and 0 < r["sftmix/lambda"] < 1 for r in logged)

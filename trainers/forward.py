@@ -310,9 +310,9 @@ class CausalLMWithLogProbs(nn.Module):
             seq_role=seq_role,
             chosen=batch["chosen"],
             rejected=batch["rejected"],
-            seq_group=batch["seq_group"],
             ref_seq_logps=batch.get("ref_seq_logps"),
             token_stats=stats,
+            seq_columns=batch.get("seq_columns", {}),
         )
         if needs.hidden_states:
             out.hidden = hidden

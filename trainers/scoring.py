@@ -36,7 +36,9 @@ def gather_in_order(accelerator, results: dict[int, object], num_items: int) -> 
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """The batch's tensors (also inside nested dicts such as ``seq_columns``) on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator, batch_size: int,

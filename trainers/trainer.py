@@ -152,6 +152,7 @@ class Trainer:
         check_same_data_on_every_rank({"train": train_ds, "eval": eval_ds})
         self.collator = Collator(
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
+            columns=sorted(self.needs.columns),
         )
         model = self.precision.prepare_model(build_model(cfg.model, self.tokenizer, cfg.seed))
         self.reference = None
