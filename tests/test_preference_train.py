@@ -329,3 +329,42 @@ def test_dpo_is_bit_identical_across_hash_seeds_and_a_resume_in_a_new_process(tm
     resumed = train("3", "stopped", "train.max_steps=4", "resume=latest")
     assert len(straight) == 4 and resumed == straight
     assert straight[0] == pytest.approx(math.log(2), abs=1e-6) and straight[-1] != straight[0]
+
+
+# ---- TR-DPO: a reference that follows the policy --------------------------------------------------------------
+def test_tr_dpo_moves_the_reference_toward_the_policy_at_its_steps_only(tmp_path):
+    """After step 2 of update_every=2, alpha=0.25: each reference weight is 0.25 * policy + 0.75 * its old value
+    (the copy before the step equals the initial model); after step 1 and 3 it does not move."""
+    cfg = make_cfg([f"output_dir={tmp_path / 'run'}", "recipe=dpo", "data.sources.0.num_rows=200",
+                    "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every=0",
+                    "export.enabled=false", "reference.strategy=frozen_copy", "reference.update_every=2",
+                    "reference.update_alpha=0.25", "train.max_steps=3"])
+    trainer = Trainer(cfg, recipe_name="tr_dpo")
+    policy = trainer.accelerator.unwrap_model(trainer.policy).model
+    reference = trainer.reference.copy.model
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    trainer.train_step()
+    assert all(torch.equal(p, initial[n]) for n, p in reference.named_parameters())  # step 1: not due
+    trainer.train_step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(p, 0.25 * dict(policy.named_parameters())[name].detach() + 0.75 * initial[name],
+                                   rtol=0, atol=1e-7)
+    moved = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    trainer.train_step()
+    assert all(torch.equal(p, moved[n]) for n, p in reference.named_parameters())
+
+
+def test_tr_dpo_resumes_with_the_moved_reference_and_needs_a_frozen_copy(tmp_path):
+    fast = ["train.lr=1e-2", "train.warmup_ratio=0", "train.max_steps=4"]
+    tr = ["reference.strategy=frozen_copy", "reference.update_every=1", "reference.update_alpha=0.5",
+          "train.save_every=2", *fast]
+    straight = step_losses(tmp_path, "straight", *tr)
+    fixed = step_losses(tmp_path, "fixed", "reference.strategy=frozen_copy", *fast)
+    assert straight[0] == pytest.approx(fixed[0], abs=1e-7)  # the reference moves after step 1...
+    assert straight[1] != pytest.approx(fixed[1], abs=1e-4)  # ...and step 2 scores against the moved one
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = step_losses(tmp_path, "resumed", *tr, f"resume={tmp_path / 'straight' / 'checkpoints' / 'step_0000002'}")
+    assert resumed == pytest.approx(straight[2:], abs=1e-6)
+    with pytest.raises(ValueError, match="needs reference.strategy=frozen_copy"):
+        short_run(tmp_path, "precomputed", "recipe=dpo", "reference.update_every=4")

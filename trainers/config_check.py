@@ -87,6 +87,8 @@ RULES: tuple[Rule, ...] = (
     Rule("data.eval_fraction", "a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     Rule("data.ordering", _choices(*ORDERINGS), one_of(*ORDERINGS)),
     Rule("train.eval_at_start", _choices(True, False), one_of(True, False)),
+    Rule("reference.update_every", "an integer >= 0 (steps; 0 = a fixed reference)", integer_at_least(0)),
+    Rule("reference.update_alpha", "a number in (0, 1] (1 = hard update)", lambda v: _is_number(v) and 0 < v <= 1),
     Rule("train.trackers", "a list of any of " + ", ".join(TRACKERS) + " (or null)",
          lambda v: v is None or (OmegaConf.is_list(v) or isinstance(v, list)) and all(n in TRACKERS for n in v)),
 )
@@ -128,6 +130,15 @@ def lr_range_note(cfg) -> str | None:
             f"{rates.sft_lr:g} for SFT and {rates.preference_lr:g} for preference losses. The run goes on")
 
 
+def _updated_reference_is_a_copy(cfg) -> str | None:
+    every, strategy = OmegaConf.select(cfg, "reference.update_every"), OmegaConf.select(cfg, "reference.strategy")
+    if _is_int(every) and every > 0 and strategy != "frozen_copy":
+        return (f"reference.update_every={every} (TR-DPO) moves the reference during training, which needs "
+                f"reference.strategy=frozen_copy, not {strategy} (precomputed log-probs and the adapter-disabled "
+                "policy cannot change)")
+    return None
+
+
 def _recommended_is_valid(cfg) -> str | None:
     recommended = OmegaConf.select(cfg, "model.recommended", default=None)
     if recommended is None:
@@ -144,7 +155,8 @@ def _recommended_is_valid(cfg) -> str | None:
 
 
 # checks that involve several keys; each returns a message or None
-JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run, _recommended_is_valid)
+JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run, _recommended_is_valid,
+                                                        _updated_reference_is_a_copy)
 
 
 def check_config(cfg) -> None:

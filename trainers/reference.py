@@ -13,6 +13,11 @@
   it runs in a second, optimizer-less DeepSpeed engine, so it costs each rank 1/N of the model.
 - ``adapter_disabled``: the policy itself with its LoRA adapter switched off (no second copy in memory).
 
+With ``reference.update_every`` > 0 (TR-DPO, frozen copy only) the copy follows the policy during training: after
+every ``update_every``-th step, each weight the policy trains becomes ``alpha * policy + (1 - alpha) * reference``
+(the weights the policy does not train are equal in both and stay so). The moved weights are part of every
+checkpoint, so a resumed run scores against the reference the interrupted one had.
+
 Every strategy scores at the policy's precision, so that a reference equal to the policy gives equal log-probs:
 ``precomputed`` and ``adapter_disabled`` run the prepared policy itself; the frozen copy is taken after the
 policy's weights are in their training dtype (trainers/precision.py), takes the dtypes DeepSpeed gives the
@@ -114,6 +119,10 @@ class Reference:
                                              attention_tile=cfg.train.attention_tile)
             if zero_stage(accelerator) != 3:
                 self.copy = self.copy.to(accelerator.device)
+        self.update_every = OmegaConf.select(cfg, "reference.update_every", default=0)
+        if self.update_every and zero_stage(accelerator) == 3:
+            raise ValueError("reference.update_every (TR-DPO) is not supported under ZeRO-3, where the policy and the "
+                             "reference copy are sharded in two engines; use ZeRO-2, DDP or one process")
         if self.strategy == "adapter_disabled" and not cfg.model.lora.enabled:
             raise ValueError("reference.strategy=adapter_disabled needs model.lora.enabled=true")
 
@@ -215,6 +224,25 @@ class Reference:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
+    def after_step(self, step: int, policy) -> None:
+        """After optimizer step ``step``: the TR-DPO update of the copy toward the policy, when one is due."""
+        every = self.update_every
+        if not every or step % every:
+            return
+        alpha = float(self.cfg.reference.update_alpha)
+        with torch.no_grad():
+            for mine, trained in self.updated_weights(policy):
+                mine.mul_(1.0 - alpha).add_(trained.detach().to(mine.dtype), alpha=alpha)
+
+    def updated_weights(self, policy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(reference weight, policy weight) for every weight the policy trains, matched by name."""
+        trained = dict(self.accelerator.unwrap_model(policy).model.named_parameters())
+        return [(p, trained[name]) for name, p in self.copy.model.named_parameters() if trained[name].requires_grad]
+
+    def state_for_checkpoint(self, policy):
+        """The weights a TR-DPO update moves, as an object Accelerate saves and restores with each checkpoint."""
+        return _MovedWeights(self, policy)
+
     def attach(self, batch: dict, policy) -> None:
         """For live strategies: put the reference's per-sequence log-probs into the batch."""
         if self.strategy == "precomputed":
@@ -229,3 +257,27 @@ class Reference:
         with torch.no_grad(), context:
             batch["ref_seq_logps"] = scorer(batch, NO_STATS).seq_logps.detach()
         scorer.train(was_training)
+
+
+class _MovedWeights:
+    """The reference weights a TR-DPO update moves (those the policy trains), by name, for
+    ``accelerator.register_for_checkpointing``."""
+
+    def __init__(self, reference: Reference, policy):
+        self.reference, self.policy = reference, policy
+
+    def _named(self) -> dict[str, torch.Tensor]:
+        trained = {n for n, p in self.reference.accelerator.unwrap_model(self.policy).model.named_parameters()
+                   if p.requires_grad}
+        return {n: p for n, p in self.reference.copy.model.named_parameters() if n in trained}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self._named().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        named = self._named()
+        if set(state) != set(named):
+            raise ValueError("the checkpoint's moved reference weights do not match this run's trained weights")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(state[name].to(p.device, p.dtype))

@@ -175,6 +175,8 @@ class Trainer:
             # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model); only the train
             # examples the remaining steps draw
             self.reference.prepare(self.policy)
+            if self.reference.update_every:
+                acc.register_for_checkpointing(self.reference.state_for_checkpoint(self.policy))
             start = checkpoint.read_state(self.resume_from)["step"] if self.resume_from else 0
             steps = range(start, self.total_steps)
             drawn = drawn_examples(self.ordering, train_ds, cfg.seed, train.global_batch_size, steps)
@@ -257,6 +259,8 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.reference is not None:
+            self.reference.after_step(self.step, self.policy)
         return StepResult(self.step, step_loss, int(tokens), accum, skipped)
 
     def _grad_norm(self) -> float | None:
