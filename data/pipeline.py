@@ -78,6 +78,17 @@ def _split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.D
     return parts["train"], parts["test"]
 
 
+def weighted_split(
+    rows: datasets.Dataset, spec, eval_fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """A source's rows repeated/subsampled by its ``weight``, then (train, eval) rows: eval is None when the
+    source names its own ``eval_split`` (the caller loads it) or ``eval_fraction`` is 0, else a seeded split."""
+    rows = _apply_weight(rows, float(spec.get("weight", 1.0)), seed)
+    if spec.get("eval_split"):
+        return rows, None
+    return _split(rows, eval_fraction, seed)
+
+
 def _column_kind(arrow_type) -> str | None:
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return "string"
@@ -193,12 +204,10 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
         rows, unreadable = load_rows(spec, data_cfg.on_error)
         _count_unreadable(unreadable, "train", counts)
         spec.format = _resolve_format(spec, rows, kind)
-        rows = _apply_weight(rows, float(spec.get("weight", 1.0)), seed + i)
+        rows, eval_rows = weighted_split(rows, spec, data_cfg.get("eval_fraction", 0.0), seed + i)
         if spec.get("eval_split"):
             eval_rows, unreadable = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), data_cfg.on_error)
             _count_unreadable(unreadable, "eval", counts)
-        else:
-            rows, eval_rows = _split(rows, data_cfg.get("eval_fraction", 0.0), seed + i)
         for stage, options in stages_at("rows", data_cfg.get("stages")):
             rows = stage(rows, split="train", seed=seed + i, **options)
             eval_rows = stage(eval_rows, split="eval", seed=seed + i, **options) if eval_rows is not None else None

@@ -15,7 +15,7 @@ features are perturbed jointly, v' = v + N(0, scale^2) * std_f with std_f over t
 redrawn until consistent, derived features recomputed, and 1..max_num_tags tags sampled from them and quantised
 with the training split's quantizer. The tagged prompt is rendered with the training template and tokenized
 exactly as in training; the model generates greedily; the requested features are re-extracted from the output
-and scored by ``data/mctune_eval.py`` (zero_one_score, strictly/loosely followed, per-tag accuracy/MAE/MSE).
+and scored by ``data/mctune/evaluation.py`` (zero_one_score, strictly/loosely followed, per-tag accuracy/MAE/MSE).
 
 Options (key=value; every other key=value overrides the config, e.g. ``data.sources.0.num_rows=400``):
   run_dir           training run directory (config.yaml, export/); optional
@@ -31,7 +31,7 @@ Options (key=value; every other key=value overrides the config, e.g. ``data.sour
                     against the same requested values)
   max_new_tokens    default 128 (the original evaluation allows 1024)
   batch_size        generation batch size (default 16)
-  tolerance         one tolerance for all float features (default: data/mctune_eval.py DEFAULT_TOLERANCE)
+  tolerance         one tolerance for all float features (default: data/mctune/evaluation.py)
   output            JSON report path (default <run_dir>/mctune_eval_<model>.json, else ./mctune_eval_<model>.json)
   device            cpu | cuda (default: cuda if available)
 """
@@ -104,7 +104,7 @@ def source_rows(cfg, on_error: str = "raise"):
     """Per source: (train rows, eval rows or None), split exactly as data/pipeline.py's build_datasets does."""
     from omegaconf import OmegaConf
 
-    from tunelab.data.pipeline import _apply_weight, _split
+    from tunelab.data.pipeline import weighted_split
     from tunelab.data.sources import load_rows
 
     out = []
@@ -113,11 +113,9 @@ def source_rows(cfg, on_error: str = "raise"):
         if spec.format != "alpaca":
             raise ValueError(f"MCTune needs alpaca-format sources, {spec.path} is {spec.format!r}")
         rows, _ = load_rows(spec, on_error)
-        rows = _apply_weight(rows, float(spec.get("weight", 1.0)), cfg.seed + i)
+        rows, eval_rows = weighted_split(rows, spec, cfg.data.get("eval_fraction", 0.0), cfg.seed + i)
         if spec.get("eval_split"):
             eval_rows, _ = load_rows(OmegaConf.merge(spec, {"split": spec.eval_split}), on_error)
-        else:
-            rows, eval_rows = _split(rows, cfg.data.get("eval_fraction", 0.0), cfg.seed + i)
         out.append((rows, eval_rows))
     return out
 
@@ -240,7 +238,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 def evaluate_model(options: dict, overrides: list[str]) -> dict:
     import torch
 
-    from tunelab.data.mctune_eval import run_eval
+    from tunelab.data.mctune import run_eval
 
     started = time.time()
     cfg = load_config(options["run_dir"], overrides)
@@ -277,7 +275,7 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
         "overrides": overrides, "generation_seconds": round(gen_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
     }
-    from tunelab.data.mctune_eval import write_report
+    from tunelab.data.mctune import write_report
 
     write_report(report, output)
     report["_path"] = output

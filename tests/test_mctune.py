@@ -1,7 +1,7 @@
-"""MCTune data stage (data/mctune.py) and controllability evaluation (data/mctune_eval.py).
+"""MCTune data stage and controllability evaluation (the data/mctune/ package).
 
 Expected numbers are hand-counted; the comments show the counting. Syllables follow the documented rule in
-data/mctune.py (pyphen segments, vowel groups, silent -e / -ed / -es).
+data/mctune/features.py (pyphen segments, vowel groups, silent -e / -ed / -es).
 """
 
 from __future__ import annotations
@@ -22,24 +22,28 @@ from tunelab.data.mctune import (
     INT_FEATURES,
     PerturbationError,
     Quantizer,
+    add_control_tags,
     add_features,
     build_preamble,
     compose_input,
     consistency_violations,
     count_syllables,
+    evaluate,
     extract_features,
     feature_stds,
     fit_quantizer,
+    format_table,
     format_tags,
     get_backend,
     mctune_stage,
     parse_tags,
     perturb_features,
+    resolve_tolerance,
     row_features,
+    run_eval,
     sample_tags,
     tag_values,
 )
-from tunelab.data.mctune_eval import evaluate, format_table, resolve_tolerance, run_eval
 
 CAT = "The cat sat on the mat."
 DOGS = "Big dogs don't chase small cats. A big dog chased the happy cat!"
@@ -331,7 +335,7 @@ def _alpaca(outputs, inputs=None):
 
 def test_stage_adds_features_and_tags():
     ds = _alpaca([CAT, DOGS, LIST], inputs=["", "Context here.", ""])
-    out = mctune_stage(ds, seed=3)
+    out = mctune_stage(ds, split="train", seed=3, context={})
     assert set(out.column_names) >= {"instruction", "input", "output", "mctune_features", "mctune_tags"}
     for i, row in enumerate(out):
         feats = row_features(row)
@@ -344,14 +348,14 @@ def test_stage_adds_features_and_tags():
         for name, value in tags.items():
             assert value == (feats[name] if name in INT_FEATURES else round(feats[name], 2))
     assert out[1]["input"].startswith("Context here.\n\n")
-    again = mctune_stage(ds, seed=3)
+    again = mctune_stage(ds, split="train", seed=3, context={})
     assert again["input"] == out["input"]  # same seed, same tags
     assert again._fingerprint == out._fingerprint  # deterministic fingerprint: datasets can cache the maps
 
 
 def test_stage_quantised_and_perturbed():
     ds = _alpaca([CAT, DOGS, LIST, "Happy people often smile at strangers."] * 3)
-    out = mctune_stage(ds, seed=0, quantize="1to5", max_num_tags=14)
+    out = mctune_stage(ds, split="train", seed=0, context={}, quantize="1to5", max_num_tags=14)
     for row in out:
         for name, value in json.loads(row["mctune_tags"]).items():
             assert isinstance(value, int)
@@ -359,7 +363,7 @@ def test_stage_quantised_and_perturbed():
                 assert 1 <= value <= 5
     feats = [row_features(r) for r in out]
     stds = feature_stds(feats)
-    test = mctune_stage(ds, seed=0, perturb_stds=stds, perturb_scale=0.5, max_num_tags=14)
+    test = add_control_tags(add_features(ds), seed=0, perturb_stds=stds, perturb_scale=0.5, max_num_tags=14)
     assert test["mctune_features"] == out["mctune_features"]  # true values kept
     differs = 0
     for row in test:
@@ -459,3 +463,20 @@ def test_mctune_recipes_compose_with_the_paper_numbers():
     assert (t.epochs, t.max_steps, t.global_batch_size, t.lr) == (5, None, 128, 2e-5)
     assert (t.scheduler, t.warmup_steps, t.weight_decay, t.mixed_precision) == ("linear", 100, 0.0, "bf16")
     assert paper.loss == {"ntp": {}}
+
+
+def test_weighted_split_is_the_pipelines_split():
+    """The evaluation script takes its test rows from the pipeline's weighted_split: 8 rows at weight 1.5 are
+    the 8 plus a seeded 4 (12), split 9 train / 3 eval by ``train_test_split`` with the same seed."""
+    from omegaconf import OmegaConf
+
+    from tunelab.data.pipeline import weighted_split
+
+    ds = _alpaca([f"Row {i}." for i in range(8)])
+    train, held_out = weighted_split(ds, OmegaConf.create({"weight": 1.5}), 0.25, seed=5)
+    assert (len(train), len(held_out)) == (9, 3)
+    whole = datasets.concatenate_datasets([ds, ds.shuffle(seed=5).select(range(4))])
+    expected = whole.train_test_split(test_size=0.25, seed=5, shuffle=True)
+    assert held_out["output"] == expected["test"]["output"]
+    own_split, none = weighted_split(ds, OmegaConf.create({"eval_split": "test"}), 0.25, seed=5)
+    assert none is None and len(own_split) == 8
