@@ -1,0 +1,122 @@
+"""Evaluation entry point on tiny models saved to tmp: batched generation and judging, report, AlpacaEval file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from tunelab.trainers.evaluation import (
+    _chat,
+    compare,
+    generate_greedy,
+    read_prompts,
+    read_responses,
+    reward_scores,
+)
+from tunelab.trainers.models import tiny_tokenizer
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "evaluate.py")
+_spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+evaluate_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_script)
+
+PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello to the reader in one short line.", "Why?"]
+
+
+def _config(tok):
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, num_labels=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tok = tiny_tokenizer()
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(_config(tok)).eval()
+    judge = LlamaForSequenceClassification(_config(tok)).eval()
+    for name, model in (("policy", policy), ("judge", judge)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return tok, policy, judge, root
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(models):
+    tok, policy, _, _ = models
+    batched = generate_greedy(policy, tok, PROMPTS, max_new_tokens=6, batch_size=4)
+    alone = [generate_greedy(policy, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(isinstance(a, str) and a for a in batched)
+
+
+def test_batched_reward_equals_single_unpadded_forward(models):
+    tok, _, judge, _ = models
+    responses = ["red", "four, of course", "hello there, dear reader of this line", ""]
+    batched = reward_scores(judge, tok, PROMPTS, responses, batch_size=4)
+    for i, (prompt, response) in enumerate(zip(PROMPTS, responses, strict=True)):
+        ids = tok(_chat(tok, prompt, response), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            single = judge(**ids).logits[0, 0].item()
+        assert batched[i] == pytest.approx(single, abs=1e-5)
+
+
+def test_compare_counts_and_lengths_by_hand():
+    # a judge that scores by length: the model wins 2, ties 1, loses 1
+    report = compare(["a", "b", "c", "d"], ["xxxx", "xxx", "x", "xx"], ["x", "x", "xxx", "xx"],
+                     lambda prompts, outs: [float(len(o)) for o in outs], bootstrap=0)
+    assert (report["wins"], report["ties"], report["losses"]) == (2, 1, 1)
+    assert report["win_rate"] == pytest.approx(0.625)
+    # preferences [1, 1, 0, .5]: sample std sqrt(0.229166...), standard error its half
+    assert report["standard_error"] == pytest.approx(math.sqrt(0.6875 / 3) / 2)
+    assert report["avg_length_model"] == 2.5 and report["avg_length_baseline"] == 1.75
+
+
+def test_readers_name_the_file_and_row(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"text": "y"}\n')
+    with pytest.raises(KeyError, match=r"p.jsonl: row 2 has none of the keys prompt, instruction"):
+        read_prompts(str(bad))
+    generated = tmp_path / "g.jsonl"
+    generated.write_text('{"prompt": "x", "responses": ["first", "second"]}\n')
+    assert read_responses(str(generated)) == {"x": "first"}
+
+
+def test_script_writes_alpaca_eval_outputs_and_report(models, tmp_path):
+    tok, policy, judge, root = models
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    baseline = tmp_path / "baseline.jsonl"
+    baseline_texts = ["blue", "4", "hi", "because"]
+    baseline.write_text("".join(json.dumps({"prompt": p, "responses": [r]}) + "\n"
+                                for p, r in zip(PROMPTS, baseline_texts, strict=True)))
+    out = tmp_path / "eval"
+    report = evaluate_script.main([
+        "--model", str(root / "policy"), "--baseline-outputs", str(baseline), "--judge", str(root / "judge"),
+        "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5", "--bootstrap", "10",
+        "--generator", "tiny-policy",
+    ])
+    rows = json.loads((out / "model_outputs.json").read_text())
+    assert [sorted(r) for r in rows] == [["generator", "instruction", "output"]] * len(PROMPTS)
+    assert [r["instruction"] for r in rows] == PROMPTS and {r["generator"] for r in rows} == {"tiny-policy"}
+    assert [r["output"] for r in rows] == generate_greedy(policy, tok, PROMPTS, max_new_tokens=5)
+
+    def single(prompt, response):
+        ids = tok(_chat(tok, prompt, response), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            return judge(**ids).logits[0, 0].item()
+
+    expected = [
+        1.0 if single(p, r["output"]) > single(p, b) else 0.0 if single(p, r["output"]) < single(p, b) else 0.5
+        for p, r, b in zip(PROMPTS, rows, baseline_texts, strict=True)
+    ]
+    assert report["win_rate"] == pytest.approx(sum(expected) / len(expected))
+    assert json.loads((out / "report.json").read_text()) == report
