@@ -73,7 +73,7 @@ def sftmix_split(dataset, split: str, seed: int, context: dict | None = None, sc
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"SFTMix confidence scores not found at {path}. Run stage 1 first: "
-            f"python scripts/sftmix_score.py run_dir=<reference run dir>"
+            f"python scripts/sftmix_score.py --run-dir <reference run dir>"
         )
     fingerprint = dataset_fingerprint(dataset)
     store = read_scores(path)

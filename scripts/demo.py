@@ -6,9 +6,9 @@ generations, and check that the exported model loads with ``from_pretrained``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-import sys
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -62,4 +62,6 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides of the demo recipe")
+    main(parser.parse_args().overrides)

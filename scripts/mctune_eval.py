@@ -1,43 +1,29 @@
 #!/usr/bin/env python3
 """MCTune controllability evaluation: generate for perturbed control tags, re-extract the features, score.
 
-    python scripts/mctune_eval.py run_dir=<training run> [model=export|base|<HF model dir>] [key=value ...]
-    python scripts/mctune_eval.py recipe=mctune model=base [key=value ...]      # no run: compose from recipes/
+    python scripts/mctune_eval.py --run-dir <training run> [--model export|base|<HF model dir>] [options] [overrides]
+    python scripts/mctune_eval.py --model base recipe=mctune [overrides]      # no run: compose from recipes/
 
 The run's ``config.yaml`` (or, without ``run_dir``, the Hydra composition of ``recipes/config.yaml`` with the
-given ``recipe=`` / ``model=...`` overrides) supplies the model config, the data sources, the template, the
+given ``recipe=`` / ``model=...`` Hydra overrides) supplies the model config, the data sources, the template, the
 seed and the options of the ``mctune`` data stage (``max_num_tags``, ``candidates``, ``quantize``, ``backend``).
 
 Test set (docs/mctune_notes.md; tianyi-lab/mctune prepare_data.py): the rows of the run's eval split (the same
-seeded split the training pipeline makes; ``test_source=<path or bundled:name>`` uses a separate alpaca source,
-``test_seed`` seeding a bundled generator). Each test row gets its response's features, then the 9 foundational
+seeded split the training pipeline makes; ``--test-source <path or bundled:name>`` uses a separate alpaca source,
+``--test-seed`` seeding a bundled generator). Each test row gets its response's features, then the 9 foundational
 features are perturbed jointly, v' = v + N(0, scale^2) * std_f with std_f over the TRAINING split's features,
 redrawn until consistent, derived features recomputed, and 1..max_num_tags tags sampled from them and quantised
 with the training split's quantizer. The tagged prompt is rendered with the training template and tokenized
 exactly as in training; the model generates greedily; the requested features are re-extracted from the output
 and scored by ``data/mctune/evaluation.py`` (zero_one_score, strictly/loosely followed, per-tag accuracy/MAE/MSE).
 
-Options (key=value; every other key=value overrides the config, e.g. ``data.sources.0.num_rows=400``):
-  run_dir           training run directory (config.yaml, export/); optional
-  model             export (default with run_dir: <run_dir>/export) | base (the untuned model of the config,
-                    LoRA off; default without run_dir) | <path of a Hugging Face model dir>
-  num_prompts       test prompts, taken from the test rows after a seeded shuffle (default 200; 0 = all)
-  num_perturbations tagged variants per test row, each with its own tags and perturbation (default 1; the
-                    original repo's test sets use 5, with the same tag names for the 5)
-  scale             perturbation scale (default 0.1, the original repo's default)
-  test_source       eval (default) | <alpaca source path, e.g. bundled:varied_instructions>
-  test_seed         seeds the shuffle, the tags and perturbations, and a bundled test_source (default 1234)
-  tags_in_prompt    true (default) | false: prompt without preamble and tags (a no-control baseline scored
-                    against the same requested values)
-  max_new_tokens    default 128 (the original evaluation allows 1024)
-  batch_size        generation batch size (default 16)
-  tolerance         one tolerance for all float features (default: data/mctune/evaluation.py)
-  output            JSON report path (default <run_dir>/mctune_eval_<model>.json, else ./mctune_eval_<model>.json)
-  device            cpu | cuda (default: cuda if available)
+Positional ``key=value`` arguments override the config (e.g. ``data.sources.0.num_rows=400``); ``--help`` lists
+the options.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -48,30 +34,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 log = logging.getLogger("tunelab.mctune_eval")
 
-DEFAULTS = {
-    "run_dir": None, "model": None, "num_prompts": "200", "num_perturbations": "1", "scale": "0.1",
-    "test_source": "eval", "test_seed": "1234", "tags_in_prompt": "true", "max_new_tokens": "128",
-    "batch_size": "16", "tolerance": None, "output": None, "device": None,
-}
 ORIGINAL_INPUT = "_mctune_original_input"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", help="training run directory (config.yaml, export/)")
+    p.add_argument("--model", help="export (default with --run-dir: <run_dir>/export) | base (the untuned model of "
+                   "the config, LoRA off; default without --run-dir) | <path of a Hugging Face model dir>")
+    p.add_argument("--num-prompts", type=int, default=200,
+                   help="test prompts, taken from the test rows after a seeded shuffle (0 = all)")
+    p.add_argument("--num-perturbations", type=int, default=1,
+                   help="tagged variants per test row, each with its own tags and perturbation (the original "
+                   "repo's test sets use 5, with the same tag names for the 5)")
+    p.add_argument("--scale", type=float, default=0.1, help="perturbation scale (the original repo's default)")
+    p.add_argument("--test-source", default="eval",
+                   help="eval (the run's eval split) | <alpaca source path, e.g. bundled:varied_instructions>")
+    p.add_argument("--test-seed", type=int, default=1234,
+                   help="seeds the shuffle, the tags and perturbations, and a bundled --test-source")
+    p.add_argument("--tags-in-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-tags-in-prompt: prompt without preamble and tags (a no-control baseline scored "
+                   "against the same requested values)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the original evaluation allows 1024")
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch size")
+    p.add_argument("--tolerance", type=float,
+                   help="one tolerance for all float features (default: data/mctune/evaluation.py's)")
+    p.add_argument("--output", help="JSON report path (default <run_dir>/mctune_eval_<model>.json, else "
+                   "./mctune_eval_<model>.json)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    options, overrides = dict(DEFAULTS), []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {arg!r}\n\n{__doc__}")
-        if key in DEFAULTS:
-            options[key] = value
-        else:
-            overrides.append(arg)
+    options = vars(build_parser().parse_intermixed_args(argv))
+    overrides = options.pop("overrides")
     options["model"] = options["model"] or ("export" if options["run_dir"] else "base")
     return options, overrides
-
-
-def _true(value: str) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
 
 
 def load_config(run_dir: str | None, overrides: list[str]):
@@ -146,7 +145,7 @@ def build_test_set(cfg, options: dict):
         if options["test_source"] == "eval":
             if eval_rows is None:
                 raise ValueError("the config has no eval split (data.eval_fraction=0 and no eval_split); set "
-                                 "data.eval_fraction (as the training run did) or test_source=<alpaca source>")
+                                 "data.eval_fraction (as the training run did) or --test-source <alpaca source>")
             tests.append(eval_rows)
     if options["test_source"] != "eval":
         spec = OmegaConf.create({"path": options["test_source"], "format": "alpaca",
@@ -248,10 +247,10 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
     which = options["model"]
     if which == "export":
         if not options["run_dir"]:
-            raise SystemExit("model=export needs run_dir=<training run>")
+            raise SystemExit("--model export needs --run-dir <training run>")
         which = os.path.join(options["run_dir"], "export")
     model, tokenizer = load_model(cfg, which, device)
-    tags_in_prompt = _true(options["tags_in_prompt"])
+    tags_in_prompt = options["tags_in_prompt"]
     prompts = prompt_ids(test, cfg, tokenizer, tags_in_prompt)
     gen_start = time.time()
     texts = generate(model, tokenizer, prompts, int(options["max_new_tokens"]), int(options["batch_size"]))
@@ -260,7 +259,7 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
     model_label = options["model"] if options["model"] in ("export", "base") else "model"
     suffix = "" if tags_in_prompt else "_notags"
     output = options["output"] or os.path.join(options["run_dir"] or ".", f"mctune_eval_{model_label}{suffix}.json")
-    tolerance = float(options["tolerance"]) if options["tolerance"] is not None else None
+    tolerance = options["tolerance"]
     report, table = run_eval(list(zip(requested, texts)), output, print_table=False, tolerance=tolerance,
                              quantizer=quantizer, backend=stage.get("backend", "hanta"))
     for example, row, text in zip(report["examples"], test, texts):
