@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,3 +121,47 @@ def test_script_writes_alpaca_eval_outputs_and_report(models, tmp_path):
     ]
     assert report["win_rate"] == pytest.approx(sum(expected) / len(expected))
     assert json.loads((out / "report.json").read_text()) == report
+
+
+class _RecordingWandb:
+    name = "wandb"
+
+    def __init__(self):
+        self.tables = []
+
+    def log_table(self, table_name, columns, data, step):
+        self.tables.append((table_name, columns, data, step))
+
+
+def test_in_loop_samples_reach_the_samples_file_tensorboard_and_wandb(tmp_path):
+    from accelerate.tracking import TensorBoardTracker
+    from conftest import make_cfg
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunelab.trainers.tracking import RunTracker
+
+    tensorboard = TensorBoardTracker("run", str(tmp_path / "tb"))
+    tensorboard.start()  # accelerate starts its trackers in init_trackers
+    wandb = _RecordingWandb()
+    accelerator = SimpleNamespace(is_main_process=True, trackers=[tensorboard, wandb])
+    train_cfg = make_cfg(["train.progress_bar=false"]).train
+    tracker = RunTracker(accelerator, str(tmp_path), 10, 0, train_cfg, {})
+    tracker.log_samples(2, [{"prompt": "Name a colour.", "output": "red"}, {"prompt": "Why?", "output": "because"}])
+    tracker.log_samples(4, [{"prompt": "Name a colour.", "output": "blue"}])
+    tensorboard.writer.flush()
+
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 2, "prompt": "Name a colour.", "output": "red"},
+                    {"step": 2, "prompt": "Why?", "output": "because"},
+                    {"step": 4, "prompt": "Name a colour.", "output": "blue"}]
+    assert wandb.tables[0] == ("eval/samples", ["step", "prompt", "output"],
+                               [[2, "Name a colour.", "red"], [2, "Why?", "because"]], 2)
+    events = EventAccumulator(tensorboard.logging_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("eval/samples/text_summary")]
+    assert [step for step, _ in texts] == [2, 4]
+    assert "**output:** because" in texts[0][1] and "**output:** blue" in texts[1][1]
+
+    # a run resumed from step 2 logs step 4 again: the later row goes, step 2's stay
+    RunTracker(SimpleNamespace(is_main_process=True, trackers=[]), str(tmp_path), 10, 2, train_cfg, {})
+    assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [2, 2]

@@ -41,8 +41,10 @@ class RunTracker:
         self.output_dir = output_dir
         self.main = accelerator.is_main_process
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(output_dir, "samples.jsonl")
         if self.main:
             drop_rows_after(self.path, start_step)
+            drop_rows_after(self.samples_path, start_step)
         self.trackers = list(train_cfg.trackers or [])
         if self.trackers:
             accelerator.init_trackers(
@@ -88,6 +90,23 @@ class RunTracker:
             "[%s step %d] %s", split, step, shown)
         if self.trackers:
             self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Answers generated for the fixed eval prompts at this step ({"prompt", "output"} each): one row per prompt in
+        ``samples.jsonl``, a TensorBoard text entry and a wandb table. They stay out of metrics.jsonl, whose rows
+        hold numbers only (the plot and the summary read every key as one)."""
+        if not self.main or not samples:
+            return
+        with open(self.samples_path, "a") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, "prompt": sample["prompt"], "output": sample["output"]}) + "\n")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                text = "\n\n".join(f"**prompt:** {s['prompt']}\n\n**output:** {s['output']}" for s in samples)
+                tracker.tracker.add_text("eval/samples", text, global_step=step)
+            elif tracker.name == "wandb":
+                rows = [[step, s["prompt"], s["output"]] for s in samples]
+                tracker.log_table("eval/samples", columns=["step", "prompt", "output"], data=rows, step=step)
 
     def close(self, plot_title: str | None) -> str | None:
         """Finish the trackers and, given a title, plot metrics.jsonl; the PNG's path (None without a plot)."""
