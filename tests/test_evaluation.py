@@ -165,3 +165,17 @@ def test_in_loop_samples_reach_the_samples_file_tensorboard_and_wandb(tmp_path):
     # a run resumed from step 2 logs step 4 again: the later row goes, step 2's stay
     RunTracker(SimpleNamespace(is_main_process=True, trackers=[]), str(tmp_path), 10, 2, train_cfg, {})
     assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [2, 2]
+
+
+def test_model_against_itself_as_generating_baseline_ties_everywhere(models, tmp_path):
+    _, _, _, root = models
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": p} for p in PROMPTS]))
+    report = evaluate_script.main([
+        "--model", str(root / "policy"), "--baseline", str(root / "policy"), "--judge", str(root / "judge"),
+        "--prompts", str(prompts), "--out", str(tmp_path / "eval"), "--max-new-tokens", "4", "--bootstrap", "5",
+    ])
+    # greedy answers are identical, so every judgement is a tie: win rate and LC win rate exactly one half
+    assert report["ties"] == len(PROMPTS)
+    assert report["win_rate"] == 0.5 and report["lc_win_rate"] == pytest.approx(0.5, abs=1e-12)
+    assert report["lc_win_rate_ci"] == pytest.approx([0.5, 0.5], abs=1e-12)
