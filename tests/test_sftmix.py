@@ -333,11 +333,12 @@ def test_chain_script_routes_overrides_to_the_right_steps():
     spec = importlib.util.spec_from_file_location("sftmix_chain", os.path.join(ROOT, "scripts", "sftmix.py"))
     chain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chain)
-    options, ref, mix = chain.parse(["out=/tmp/o", "launcher=accelerate launch", "train.max_steps=5",
-                                     "ref.train.save_every=1", "mix.sftmix.mu=0.5", "checkpoints=last_2"])
+    options, ref, mix = chain.parse(["--out", "/tmp/o", "--launcher", "accelerate launch", "train.max_steps=5",
+                                     "--ref", "train.save_every=1", "--mix", "sftmix.mu=0.5",
+                                     "--checkpoints", "last_2"])
     (_, reference), (_, scoring), (_, sftmix) = chain.commands(options, ref, mix)
     assert reference[:3] == ["accelerate", "launch", "train.py"] and "train.save_every=1" in reference
     assert "train.max_steps=5" in reference and "sftmix.mu=0.5" not in reference
-    assert scoring[-2:] == ["run_dir=/tmp/o/reference", "checkpoints=last_2"]
+    assert scoring[-4:] == ["--run-dir", "/tmp/o/reference", "--checkpoints", "last_2"]
     assert "sftmix.reference_run=/tmp/o/reference" in sftmix and "sftmix.mu=0.5" in sftmix
     assert "train.max_steps=5" in sftmix and "train.save_every=1" not in sftmix
