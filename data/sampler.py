@@ -28,9 +28,15 @@ def register_ordering(name: str):
     return add
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The torch generator an ordering draws one epoch's order from: distinct per (seed, epoch), and the same
+    on every rank and on resume."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 @register_ordering("random")
 def random_order(dataset, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = epoch_generator(seed, epoch)
     return torch.randperm(len(dataset), generator=generator).tolist()
 
 

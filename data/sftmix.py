@@ -25,7 +25,7 @@ import os
 import torch
 
 from tunelab.data.fingerprint import dataset_fingerprint
-from tunelab.data.sampler import register_ordering
+from tunelab.data.sampler import epoch_generator, register_ordering
 from tunelab.data.stages import register_stage
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def sftmix_pairs(dataset, seed: int, epoch: int) -> list[int]:
     if len(confident) == 0 or len(unconfident) == 0:
         raise ValueError(f"sftmix_pairs needs both groups; got {len(confident)} confident, "
                          f"{len(unconfident)} unconfident examples")
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = epoch_generator(seed, epoch)
     n_pairs = len(dataset) // 2
     pairs = torch.stack([_draw(confident, n_pairs, generator), _draw(unconfident, n_pairs, generator)], dim=1)
     return pairs.flatten().tolist()

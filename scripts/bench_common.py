@@ -1,10 +1,12 @@
-"""Shared pieces of the CPU benchmarks (scripts/bench_sft.py, scripts/bench_preference.py).
+"""Shared pieces of the CPU benchmarks (scripts/bench_sft.py, bench_preference.py, bench_profile.py).
 
 - Synthetic text from a seeded RNG over a fixed word list (the same rows for every framework).
 - The benchmark model: a random-init Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied embeddings)
   over the SmolLM2 tokenizer (vocabulary 49152), fp32; ``--small`` swaps in the tiny tokenizer and a smaller
   model for smoke tests. Every framework gets the model from ``trainers.models.build_model`` with the same seed,
   so the initial weights are identical.
+- The harness for our child runs: ``recorded_trainer`` builds the Trainer with a collator that records each
+  micro-batch, ``measure_steps`` times warm-up + measured steps and counts their tokens.
 - Each framework runs in its own subprocess; the parent collects its JSON report and its peak resident memory
   from ``os.wait4`` (the child's own rusage, not a max over all children).
 - Required work per step: 6 x (body parameters) x (real tokens) + 6 x d x V x (labelled tokens) + causal
@@ -138,6 +140,32 @@ class RecordingCollator:
         return self.inner(examples)
 
 
+def recorded_trainer(overrides: list[str]):
+    """(tunelab's Trainer on the composed ``overrides``, the RecordingCollator it now batches through)."""
+    trainer = build_our_trainer(compose_cfg(overrides))
+    recorder = RecordingCollator(trainer.collator)
+    trainer.collator = recorder
+    return trainer, recorder
+
+
+def measure_steps(trainer, recorder: RecordingCollator, warmup: int, steps: int, setup_s: float) -> dict:
+    """Run ``warmup + steps`` training steps; the child report of the measured ones: per-step wall time and
+    per-example token lengths, every step's loss, setup time, model dimensions and torch threads."""
+    import torch
+
+    times, lengths, losses = [], [], []
+    for i in range(warmup + steps):
+        seen = len(recorder.seen)
+        t = time.perf_counter()
+        losses.append(trainer.train_step().loss)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            lengths.append([example_lengths(ex) for mb in recorder.seen[seen:] for ex in mb])
+    dims = model_dims(trainer.accelerator.unwrap_model(trainer.policy).model)
+    return {"step_times": times, "step_lengths": lengths, "losses": losses, "setup_s": setup_s, "dims": dims,
+            "threads": torch.get_num_threads()}
+
+
 def example_lengths(example: dict) -> list[int]:
     """[prompt, response...] token counts of one tokenized tunelab example."""
     if "prompt_ids" in example:
@@ -216,9 +244,10 @@ def run_child(argv: list[str], timeout: float | None = None) -> dict:
 def child_report(path: str, **report) -> None:
     import resource
 
+    from tunelab.trainers.files import write_json_atomic
+
     report["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open(path, "w") as handle:
-        json.dump(report, handle)
+    write_json_atomic(path, report)
 
 
 def summarize(report: dict, dims: dict, peak_gflops: float) -> dict:

@@ -70,27 +70,11 @@ def make_data(args, tmp: str) -> str:
 
 # ---- children ---------------------------------------------------------------------------------------------------
 def child_ours(args, loss: str, reference: str = "precomputed", extra: tuple[str, ...] = ()) -> dict:
-    import torch
-
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench_pref_")
-    cfg = bc.compose_cfg(our_overrides(args, loss, make_data(args, tmp), tmp, args.warmup + args.steps, reference,
-                                       extra))
-    trainer = bc.build_our_trainer(cfg)
-    recorder = bc.RecordingCollator(trainer.collator)
-    trainer.collator = recorder
-    setup = time.perf_counter() - start
-    times, lengths, losses = [], [], []
-    for i in range(args.warmup + args.steps):
-        seen = len(recorder.seen)
-        t = time.perf_counter()
-        losses.append(trainer.train_step().loss)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-            lengths.append([bc.example_lengths(ex) for mb in recorder.seen[seen:] for ex in mb])
-    dims = bc.model_dims(trainer.accelerator.unwrap_model(trainer.policy).model)
-    return {"step_times": times, "step_lengths": lengths, "losses": losses, "setup_s": setup, "dims": dims,
-            "threads": torch.get_num_threads()}
+    trainer, recorder = bc.recorded_trainer(our_overrides(args, loss, make_data(args, tmp), tmp,
+                                                          args.warmup + args.steps, reference, extra))
+    return bc.measure_steps(trainer, recorder, args.warmup, args.steps, time.perf_counter() - start)
 
 
 def _trl_common(args, tmp: str):

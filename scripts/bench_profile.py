@@ -48,11 +48,7 @@ def build(workload: str, args):
 
         overrides = lambda tmp: mod.our_overrides(  # noqa: E731
             args, workload, mod.make_data(args, tmp), tmp, args.warmup + 2)
-    tmp = tempfile.mkdtemp(prefix="bench_profile_")
-    trainer = bc.build_our_trainer(bc.compose_cfg(overrides(tmp)))
-    recorder = bc.RecordingCollator(trainer.collator)
-    trainer.collator = recorder
-    return trainer, recorder
+    return bc.recorded_trainer(overrides(tempfile.mkdtemp(prefix="bench_profile_")))
 
 
 def main(argv=None) -> int:

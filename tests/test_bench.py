@@ -43,3 +43,19 @@ def test_profile_script_accounts_for_the_step():
     assert done.returncode == 0, done.stderr[-3000:]
     shares = [int(s) for s in re.findall(r"^\| [^|]+ \| [\d.]+ \| (\d+)% \|$", done.stdout, re.M)]
     assert len(shares) == 7 and 90 <= sum(shares) <= 110, done.stdout
+
+
+def test_atomic_json_write_replaces_whole_files_only(tmp_path):
+    """The child reports (and the SFTMix score file) go through write_json_atomic: a dump that fails half way
+    leaves the previous file intact and no temporary file."""
+    import json
+
+    from tunelab.trainers.files import write_json_atomic
+
+    path = tmp_path / "sub" / "report.json"
+    write_json_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json_atomic(str(path), {"b": 2, "c": object()})  # "b" is written before "c" fails
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(path.parent) == ["report.json"]

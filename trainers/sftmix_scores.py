@@ -12,7 +12,6 @@ exactly the dataset it builds.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.data.pipeline import build_datasets
 from tunelab.data.sftmix import CONFIDENCE_FILE, STAGE_NAME, read_scores
 from tunelab.trainers.checkpoint import PREFIX, checkpoint_dir, complete_checkpoints, read_model_state, read_state
+from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
 from tunelab.trainers.reference import weights_fingerprint
@@ -169,11 +169,7 @@ def score_run(run_dir: str, checkpoints="all", overrides=(), output: str | None 
     }
     if accelerator.is_main_process:
         store[fingerprint] = entry
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = f"{output}.tmp{os.getpid()}"
-        with open(tmp, "w") as handle:
-            json.dump(store, handle)
-        os.replace(tmp, output)
+        write_json_atomic(output, store)
         log.info("sftmix confidence of %d examples (fingerprint %s, checkpoints %s) -> %s", len(train_ds),
                  fingerprint, ", ".join(names), output)
     accelerator.wait_for_everyone()
