@@ -3,6 +3,7 @@
 
     python scripts/mctune_eval.py --run-dir <training run> [--model export|base|<HF model dir>] [options] [overrides]
     python scripts/mctune_eval.py --model base recipe=mctune [overrides]      # no run: compose from recipes/
+    python scripts/mctune_eval.py --pairs PAIRS.jsonl --output OUT.json [--quantizer Q.json]   # score only
 
 The run's ``config.yaml`` (or, without ``run_dir``, the Hydra composition of ``recipes/config.yaml`` with the
 given ``recipe=`` / ``model=...`` Hydra overrides) supplies the model config, the data sources, the template, the
@@ -16,6 +17,10 @@ redrawn until consistent, derived features recomputed, and 1..max_num_tags tags 
 with the training split's quantizer. The tagged prompt is rendered with the training template and tokenized
 exactly as in training; the model generates greedily; the requested features are re-extracted from the output
 and scored by ``data/mctune/evaluation.py`` (zero_one_score, strictly/loosely followed, per-tag accuracy/MAE/MSE).
+
+``--pairs`` skips generation and scores given texts: each JSON line holds ``tags`` (a dict) or ``input`` (text
+with ``[name: value]`` tags), and ``output`` (the generated text); ``--quantizer`` is a JSON file with a
+``Quantizer.to_dict()`` when the tags are quantised.
 
 Positional ``key=value`` arguments override the config (e.g. ``data.sources.0.num_rows=400``); ``--help`` lists
 the options.
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON report path (default <run_dir>/mctune_eval_<model>.json, else "
                    "./mctune_eval_<model>.json)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--pairs", help="score the (tags, output) JSON lines of this file instead of generating")
+    p.add_argument("--quantizer", help="with --pairs: JSON file with a Quantizer.to_dict()")
+    p.add_argument("--backend", default="hanta", help="with --pairs: the NLP backend of the features")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -149,23 +157,23 @@ def build_test_set(cfg, options: dict):
             tests.append(eval_rows)
     if options["test_source"] != "eval":
         spec = OmegaConf.create({"path": options["test_source"], "format": "alpaca",
-                                 "num_rows": int(options["num_prompts"]) or None, "seed": int(options["test_seed"])})
+                                 "num_rows": options["num_prompts"] or None, "seed": options["test_seed"]})
         tests = [load_rows(spec, "raise")[0]]
     quantizer = fit_quantizer(train_feats, quantize) if quantize != "none" else None
     stds = feature_stds(train_feats)
     test = datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]
-    test = test.shuffle(seed=int(options["test_seed"]))
-    if int(options["num_prompts"]):
-        test = test.select(range(min(int(options["num_prompts"]), len(test))))
+    test = test.shuffle(seed=options["test_seed"])
+    if options["num_prompts"]:
+        test = test.select(range(min(options["num_prompts"], len(test))))
     test = test.map(lambda r: {ORIGINAL_INPUT: r.get("input") or ""})
-    copies = int(options["num_perturbations"])
+    copies = options["num_perturbations"]
     if copies > 1:
         test = datasets.concatenate_datasets([test] * copies)
     test = add_features(test, backend=backend)
     test = add_control_tags(
-        test, seed=int(options["test_seed"]), max_num_tags=int(stage.get("max_num_tags", 5)),
+        test, seed=options["test_seed"], max_num_tags=int(stage.get("max_num_tags", 5)),
         candidates=tuple(stage.get("candidates") or FEATURES), quantizer=quantizer, perturb_stds=stds,
-        perturb_scale=float(options["scale"]),
+        perturb_scale=options["scale"],
     )
     return test, quantizer, stds
 
@@ -253,7 +261,7 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
     tags_in_prompt = options["tags_in_prompt"]
     prompts = prompt_ids(test, cfg, tokenizer, tags_in_prompt)
     gen_start = time.time()
-    texts = generate(model, tokenizer, prompts, int(options["max_new_tokens"]), int(options["batch_size"]))
+    texts = generate(model, tokenizer, prompts, options["max_new_tokens"], options["batch_size"])
     gen_seconds = time.time() - gen_start
     requested = [json.loads(t) for t in test["mctune_tags"]]
     model_label = options["model"] if options["model"] in ("export", "base") else "model"
@@ -267,10 +275,10 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
                        reference_features=json.loads(row["mctune_features"]))
     report["settings"] = {
         "run_dir": options["run_dir"], "model": which, "device": device, "template": cfg.data.template,
-        "test_source": options["test_source"], "test_seed": int(options["test_seed"]),
-        "num_prompts": len(test), "num_perturbations": int(options["num_perturbations"]),
-        "scale": float(options["scale"]), "tags_in_prompt": tags_in_prompt,
-        "max_new_tokens": int(options["max_new_tokens"]), "stage": stage, "train_feature_stds": stds,
+        "test_source": options["test_source"], "test_seed": options["test_seed"],
+        "num_prompts": len(test), "num_perturbations": options["num_perturbations"],
+        "scale": options["scale"], "tags_in_prompt": tags_in_prompt,
+        "max_new_tokens": options["max_new_tokens"], "stage": stage, "train_feature_stds": stds,
         "overrides": overrides, "generation_seconds": round(gen_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
     }
@@ -283,11 +291,27 @@ def evaluate_model(options: dict, overrides: list[str]) -> dict:
     return report
 
 
+def score_pairs(options: dict) -> dict:
+    from tunelab.data.mctune import Quantizer, read_pairs, run_eval
+
+    quantizer = None
+    if options["quantizer"]:
+        with open(options["quantizer"], encoding="utf-8") as handle:
+            quantizer = Quantizer.from_dict(json.load(handle))
+    output = options["output"] or "mctune_eval_pairs.json"
+    report, _ = run_eval(read_pairs(options["pairs"]), output, tolerance=options["tolerance"], quantizer=quantizer,
+                         backend=options["backend"])
+    print(f"report: {output}")
+    return report
+
+
 def main(argv: list[str]) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     options, overrides = parse(argv)
+    if options["pairs"]:
+        return score_pairs(options)
     return evaluate_model(options, overrides)
 
 

@@ -480,3 +480,23 @@ def test_weighted_split_is_the_pipelines_split():
     assert held_out["output"] == expected["test"]["output"]
     own_split, none = weighted_split(ds, OmegaConf.create({"eval_split": "test"}), 0.25, seed=5)
     assert none is None and len(own_split) == 8
+
+
+def test_eval_script_scores_given_pairs(tmp_path):
+    """scripts/mctune_eval.py --pairs reads tags from a dict or from tagged input and scores like evaluate()."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("mctune_eval_script", os.path.join(root, "scripts", "mctune_eval.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"tags": {"t_word": 6}, "output": CAT}) + "\n\n"
+                     + json.dumps({"input": "Tags: [t_word: 5] [n_noun: 4]", "output": DOGS}) + "\n")
+    out = tmp_path / "report.json"
+    report = script.main(["--pairs", str(pairs), "--output", str(out)])
+    # CAT has 6 words (met); DOGS has 14 words (not 5) and 4 nouns dogs/cats/dog/cat (met)
+    assert report["zero_one_score"] == pytest.approx(2 / 3)
+    assert json.loads(out.read_text())["zero_one_score"] == pytest.approx(2 / 3)
+    assert report == json.loads(json.dumps(evaluate([({"t_word": 6}, CAT), ({"t_word": 5, "n_noun": 4}, DOGS)])))

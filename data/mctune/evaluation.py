@@ -14,17 +14,13 @@ For each (requested tags, generated text) pair the features of the text are re-e
 Reported: zero_one_score (tags met / all tags), strictly_followed (fraction of examples with every tag met),
 loosely_followed (fraction with at least one tag met), and per tag: n, accuracy, MAE and MSE between measured
 and requested values (in bucket units for quantised features). Every example needs at least one tag.
-
-CLI: ``python -m tunelab.data.mctune.evaluation PAIRS.jsonl OUT.json`` where each line holds ``tags`` (a dict)
-or ``input`` (text with ``[name: value]`` tags), and ``output`` (the generated text).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from tunelab.data.mctune.features import (
     FEATURES,
@@ -176,6 +172,8 @@ def run_eval(
 
 
 def read_pairs(path: str) -> list[tuple[dict, str]]:
+    """(requested tags, generated text) per JSON line of ``path``: ``tags`` (a dict) or the ``[name: value]``
+    tags in ``input``, and ``output``; ValueError naming the line that lacks ``output``."""
     pairs = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -189,22 +187,3 @@ def read_pairs(path: str) -> list[tuple[dict, str]]:
                 raise ValueError(f"{path}:{line_no}: no 'output' field")
             pairs.append((tags, row["output"]))
     return pairs
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("pairs", help="JSON lines with 'tags' (dict) or 'input' (tagged text), and 'output'")
-    parser.add_argument("out", help="where to write the JSON report")
-    parser.add_argument("--tolerance", type=float, default=None, help="one tolerance for all float features")
-    parser.add_argument("--quantizer", default=None, help="JSON file with a Quantizer.to_dict()")
-    parser.add_argument("--backend", default="hanta")
-    args = parser.parse_args(argv)
-    quantizer = None
-    if args.quantizer:
-        with open(args.quantizer, encoding="utf-8") as handle:
-            quantizer = Quantizer.from_dict(json.load(handle))
-    run_eval(read_pairs(args.pairs), args.out, tolerance=args.tolerance, quantizer=quantizer, backend=args.backend)
-
-
-if __name__ == "__main__":
-    main()
