@@ -22,11 +22,43 @@ UNIT_SEQUENCES = "sequences"  # SFT and chosen sequences
 UNIT_PAIRS = "pairs"
 UNITS = (UNIT_TARGET_TOKENS, UNIT_SEQUENCES, UNIT_PAIRS)
 
-# Optional per-token statistics a loss may ask the forward pass for (computed without gradient).
-STAT_LOGIT_MEAN = "logit_mean"  # mean of the logits over the vocabulary (the logits/* metrics)
-STAT_LOG_SUM_P2 = "log_sum_p2"  # log sum_v p(v)^2 (WPO, sampled alignment)
-STAT_MAX_LOGP = "max_logp"  # max_v log p(v) (WPO, greedy alignment)
-TOKEN_STATS = (STAT_LOGIT_MEAN, STAT_LOG_SUM_P2, STAT_MAX_LOGP)
+
+
+@dataclass(frozen=True)
+class TokenStatistic:
+    """A per-token quantity a loss may ask the forward pass for, computed without gradient from the float32 logits
+    of each chunk of labelled positions, on both LM-head paths of trainers/forward.py.
+
+    ``of_logits(z [M, V]) -> [M]`` defines it. ``of_shifted_exp(e, top, total) -> [M]``, optional, is the same
+    quantity from what the fused head has anyway (e = exp(z - top) with top = max z, total = e.sum(-1)), which
+    spares that path a pass over the logits; without it the fused head calls ``of_logits`` before the exp.
+    """
+
+    name: str
+    of_logits: Callable[[torch.Tensor], torch.Tensor]
+    of_shifted_exp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+# name -> TokenStatistic; a loss needing a new statistic registers it (in its own file) and names it in Needs.
+TOKEN_STATISTICS: dict[str, TokenStatistic] = {}
+
+
+def register_token_statistic(name: str, of_logits, of_shifted_exp=None) -> str:
+    """Declare a token statistic once; returns its name (for ``Needs.token_stats``)."""
+    if name in TOKEN_STATISTICS:
+        raise ValueError(f"token statistic {name!r} is already registered")
+    TOKEN_STATISTICS[name] = TokenStatistic(name, of_logits, of_shifted_exp)
+    return name
+
+
+# log sum_v p(v)^2 = logsumexp(2z) - 2 logsumexp(z); from the shifted exps: log sum e^2 - 2 log sum e.
+STAT_LOGIT_MEAN = register_token_statistic("logit_mean", lambda z: z.mean(-1))  # the logits/* metrics
+STAT_LOG_SUM_P2 = register_token_statistic(  # WPO, sampled alignment
+    "log_sum_p2", lambda z: torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1),
+    lambda e, top, total: torch.bmm(e[:, None, :], e[:, :, None]).view(-1).log() - 2 * total.log())
+STAT_MAX_LOGP = register_token_statistic(  # max_v log p(v): WPO, greedy alignment
+    "max_logp", lambda z: z.max(-1).values - torch.logsumexp(z, dim=-1),
+    lambda e, top, total: top - (top + total.log()))
 
 
 @dataclass(frozen=True)
@@ -35,7 +67,7 @@ class Needs:
 
     pairs: bool = False  # batches of (chosen, rejected) pairs instead of single sequences
     reference: bool = False  # per-sequence log-probs under a frozen reference model
-    token_stats: frozenset[str] = frozenset()  # subset of TOKEN_STATS
+    token_stats: frozenset[str] = frozenset()  # names in TOKEN_STATISTICS
     hidden_states: bool = False  # final hidden states at labelled positions, and the head to score them
     # Per-example numeric columns that a data stage adds (e.g. SFTMix's "group"): the collator gives each sequence
     # its example's value, so a loss reads them as ``ForwardOutputs.seq_columns[name]`` without any core change.

@@ -16,11 +16,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.collate import Collator
-from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, TOKEN_STATS, Needs
+from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, Needs
 from tunelab.trainers import forward as fwd
 from tunelab.trainers.forward import CausalLMWithLogProbs, fused_head_supported, target_logps
 
 TOL = 1e-5
+TOKEN_STATS = (STAT_LOGIT_MEAN, STAT_LOG_SUM_P2, STAT_MAX_LOGP)  # the built-in statistics
 
 
 def naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.data.contract import STAT_LOG_SUM_P2, STAT_LOGIT_MEAN, STAT_MAX_LOGP, ForwardOutputs, Needs
+from tunelab.data.contract import TOKEN_STATISTICS, ForwardOutputs, Needs
 from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
@@ -36,15 +36,8 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
     logits = head(hidden).float()
     lse = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(1, targets[:, None]).squeeze(1) - lse
-    extra = []
     with torch.no_grad():
-        for name in stats:
-            if name == STAT_LOGIT_MEAN:
-                extra.append(logits.mean(-1))
-            elif name == STAT_LOG_SUM_P2:  # log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z)
-                extra.append(torch.logsumexp(2 * logits, dim=-1) - 2 * lse)
-            elif name == STAT_MAX_LOGP:
-                extra.append(logits.max(-1).values - lse)
+        extra = [TOKEN_STATISTICS[name].of_logits(logits) for name in stats]
     return (logps, *extra)
 
 
@@ -157,6 +150,8 @@ class _FusedTargetLogps(torch.autograd.Function):
         logps = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
         extra = {name: hidden.new_empty(n, dtype=torch.float32) for name in stats}
+        from_shifted_exp = [name for name in stats if TOKEN_STATISTICS[name].of_shifted_exp is not None]
+        from_logits = [name for name in stats if name not in from_shifted_exp]
         # the first rows' probabilities are kept for the backward (whole chunks, within keep_bytes)
         keep_rows = 0 if ctx is None else min(n, keep_bytes // (4 * vocab))
         kept = _POOL.take(keep_rows, vocab, hidden.device) if keep_rows else None
@@ -166,8 +161,8 @@ class _FusedTargetLogps(torch.autograd.Function):
             z = _chunk_logits(hidden[start:stop].to(dtype), w, block)
             y = targets[start:stop]
             target = z.gather(1, y[:, None]).squeeze(1)
-            if STAT_LOGIT_MEAN in extra:
-                extra[STAT_LOGIT_MEAN][start:stop] = z.mean(-1)
+            for name in from_logits:
+                extra[name][start:stop] = TOKEN_STATISTICS[name].of_logits(z)
             top = z.amax(-1)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             e = z.sub_(top[:, None]).exp_()  # z is dead from here on: exp(z - max) in place
@@ -175,11 +170,8 @@ class _FusedTargetLogps(torch.autograd.Function):
             chunk_lse = top + total.log()
             lse[start:stop] = chunk_lse
             logps[start:stop] = target - chunk_lse
-            if STAT_LOG_SUM_P2 in extra:  # log sum p^2 = log sum e^2 - 2 log sum e
-                squares = torch.bmm(e[:, None, :], e[:, :, None]).view(-1)
-                extra[STAT_LOG_SUM_P2][start:stop] = squares.log() - 2 * total.log()
-            if STAT_MAX_LOGP in extra:
-                extra[STAT_MAX_LOGP][start:stop] = top - chunk_lse
+            for name in from_shifted_exp:
+                extra[name][start:stop] = TOKEN_STATISTICS[name].of_shifted_exp(e, top, total)
             if stop <= keep_rows:
                 e.div_(total[:, None])  # softmax, kept for the backward
         _POOL.give(buffer)
@@ -252,6 +244,10 @@ def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, c
     one, gathered first); False forces the generic path.
     """
     stats = tuple(stats)
+    unknown = [name for name in stats if name not in TOKEN_STATISTICS]
+    if unknown:
+        raise ValueError(f"unknown token statistics {unknown}; registered: {sorted(TOKEN_STATISTICS)} "
+                         "(tunelab.data.contract.register_token_statistic declares one)")
     weight = _gathered_frozen_weight(head) if fused is not False else None
     if weight is not None:
         fused = True
