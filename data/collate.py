@@ -1,4 +1,4 @@
-"""Tokenized examples -> one micro-batch in a padding-free layout with sparse targets.
+"""Tokenized examples -> one micro-batch (a ``Batch``) in a padding-free layout with sparse targets.
 
 Each example becomes a *document*: its tokens, position ids, a branch id per token, and a list of targets
 (which position's hidden state predicts which token, for which sequence). Documents are packed into rows
@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelab.data.contract import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, UNIT_PAIRS, UNIT_SEQUENCES, UNIT_TARGET_TOKENS
+from tunelab.data.contract import (
+    ROLE_CHOSEN,
+    ROLE_REJECTED,
+    ROLE_SFT,
+    UNIT_PAIRS,
+    UNIT_SEQUENCES,
+    UNIT_TARGET_TOKENS,
+    Batch,
+)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class Collator:
                 roles += [ROLE_CHOSEN, ROLE_REJECTED]
         return docs, roles
 
-    def __call__(self, examples: list[dict]) -> dict:
+    def __call__(self, examples: list[dict]) -> Batch:
         docs, roles = self.documents(examples)
         rows = pack_rows([len(d.tokens) for d in docs], self.row_length, self.packing)
         width = max(sum(len(docs[d].tokens) for d in row) for row in rows)
@@ -142,30 +150,31 @@ class Collator:
         target = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
         seq_role = torch.tensor(roles, dtype=torch.long)
         counted = (seq_role[target[:, 2]] != ROLE_REJECTED)
-        batch = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "attention_mask": attention_mask(doc_ids, branch_ids),
-            "doc_ids": doc_ids,  # [rows, L] document of each position, -1 = padding
-            "target_index": target[:, 0],
-            "target_ids": target[:, 1],
-            "target_seq": target[:, 2],
-            "target_pos": target[:, 3],
-            "seq_role": seq_role,
-            "seq_columns": {name: sequence_column(examples, name, 1 if self.kind == "sft" else 2)
-                            for name in self.columns},
-            "chosen": torch.nonzero(seq_role == ROLE_CHOSEN).flatten(),
-            "rejected": torch.nonzero(seq_role == ROLE_REJECTED).flatten(),
-            "counts": {
+        ref_seq_logps = None
+        if "ref_logps" in examples[0]:  # precomputed reference (trainers/reference.py)
+            ref_seq_logps = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
+        return Batch(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask(doc_ids, branch_ids),
+            doc_ids=doc_ids,
+            target_index=target[:, 0],
+            target_ids=target[:, 1],
+            target_seq=target[:, 2],
+            target_pos=target[:, 3],
+            seq_role=seq_role,
+            chosen=torch.nonzero(seq_role == ROLE_CHOSEN).flatten(),
+            rejected=torch.nonzero(seq_role == ROLE_REJECTED).flatten(),
+            counts={
                 UNIT_TARGET_TOKENS: int(counted.sum()),
                 UNIT_SEQUENCES: int((seq_role != ROLE_REJECTED).sum()),
                 UNIT_PAIRS: int((seq_role == ROLE_CHOSEN).sum()),
             },
-            "num_tokens": int((doc_ids >= 0).sum()),
-        }
-        if "ref_logps" in examples[0]:
-            batch["ref_seq_logps"] = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
-        return batch
+            num_tokens=int((doc_ids >= 0).sum()),
+            seq_columns={name: sequence_column(examples, name, 1 if self.kind == "sft" else 2)
+                         for name in self.columns},
+            ref_seq_logps=ref_seq_logps,
+        )
 
 
 def sequence_column(examples: list[dict], name: str, sequences_per_example: int) -> torch.Tensor:

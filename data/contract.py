@@ -1,5 +1,6 @@
 """The typed contract shared by data, losses and trainers: sequence roles, the units a loss is averaged over,
-the token statistics a loss may ask for, a loss's ``Needs`` and the ``ForwardOutputs`` it receives.
+the token statistics a loss may ask for, a loss's ``Needs``, the ``Batch`` the collator builds and the
+``ForwardOutputs`` a loss receives.
 
 It imports nothing of tunelab's, so the data side (the collator counts units and marks roles), the losses and
 the Trainer core all depend on it and not on each other (docs/architecture.md; the import contracts in
@@ -9,7 +10,7 @@ pyproject.toml keep it so).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -83,6 +84,42 @@ class Needs:
         )
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch in the padding-free layout of data/collate.py: R rows of width L, N targets, S sequences,
+    P pairs. Frozen: what is added later (the reference log-probs, a noised copy of the tokens) comes back as a new
+    Batch from a visible call (``with_reference``, ``with_input_ids``)."""
+
+    input_ids: torch.Tensor  # [R, L] token ids, 0 on padding
+    position_ids: torch.Tensor  # [R, L] restart at 0 in every document
+    attention_mask: torch.Tensor  # [R, 1, L, L] bool, True = may attend
+    doc_ids: torch.Tensor  # [R, L] document of each position, -1 = padding
+    target_index: torch.Tensor  # [N] flat index (row * L + position) of the position that predicts each target
+    target_ids: torch.Tensor  # [N] target token ids
+    target_seq: torch.Tensor  # [N] sequence of each target
+    target_pos: torch.Tensor  # [N] index of the target within its sequence's response
+    seq_role: torch.Tensor  # [S] ROLE_*
+    chosen: torch.Tensor  # [P] sequence index of each pair's chosen response
+    rejected: torch.Tensor  # [P] sequence index of each pair's rejected response
+    counts: dict[str, int]  # unit -> how many of it this micro-batch holds (UNITS)
+    num_tokens: int  # non-padding positions
+    seq_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float32, Needs.columns
+    ref_seq_logps: torch.Tensor | None = None  # [S] reference sum log-probs (precomputed or a live reference)
+
+    def with_reference(self, ref_seq_logps: torch.Tensor) -> Batch:
+        return replace(self, ref_seq_logps=ref_seq_logps)
+
+    def with_input_ids(self, input_ids: torch.Tensor) -> Batch:
+        return replace(self, input_ids=input_ids)
+
+    def to(self, device) -> Batch:
+        """The batch with every tensor (also those in ``seq_columns``) on ``device``."""
+        moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in moved.items()}
+        moved["seq_columns"] = {name: value.to(device) for name, value in self.seq_columns.items()}
+        return Batch(**moved)
+
+
 @dataclass
 class ForwardOutputs:
     """Quantities of one micro-batch over its labelled tokens only.
@@ -104,8 +141,11 @@ class ForwardOutputs:
     token_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
     hidden: torch.Tensor | None = None  # [N, d] final hidden states that predict each target
     score_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h [M,d], y [M]) -> logp [M]
-    pair_weights: torch.Tensor | None = None  # [P] detached per-pair weights (set by a pair weighting, e.g. WPO)
+    pair_weights: torch.Tensor | None = None  # [P] detached per-pair weights (a pair weighting's, e.g. WPO)
     seq_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float32, Needs.columns
+
+    def with_pair_weights(self, pair_weights: torch.Tensor) -> ForwardOutputs:
+        return replace(self, pair_weights=pair_weights)
 
     @property
     def seq_avg_logps(self) -> torch.Tensor:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tunelab.data.contract import Batch
+
 
 def mask_rate(step: int, total_steps: int, max_rate: float, warmup_ratio: float) -> float:
     """The rate for the optimizer step after ``step`` completed ones."""
@@ -33,13 +35,13 @@ def draw_generator(seed: int, step: int, rank: int, micro_batch: int) -> torch.G
     return torch.Generator().manual_seed(int(state))
 
 
-def mask_responses(batch: dict, rate: float, mask_id: int, generator: torch.Generator) -> dict:
+def mask_responses(batch: Batch, rate: float, mask_id: int, generator: torch.Generator) -> Batch:
     """A copy of an SFT batch whose response tokens in ``input_ids`` are each replaced with probability ``rate``.
 
     A target predicted from flat position p is the token at p + 1 (SFT documents are one contiguous sequence),
     so the response tokens' own positions are ``target_index + 1``."""
-    positions = batch["target_index"] + 1
+    positions = batch.target_index + 1
     chosen = positions[torch.rand(positions.shape[0], generator=generator) < rate]
-    ids = batch["input_ids"].clone()
+    ids = batch.input_ids.clone()
     ids.view(-1)[chosen.to(ids.device)] = mask_id
-    return {**batch, "input_ids": ids}
+    return batch.with_input_ids(ids)

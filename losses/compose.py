@@ -44,7 +44,8 @@ class LossSet:
         """Returns {unit: weighted sum of the terms counted in that unit} and the metrics of all terms."""
         metrics: dict[str, Metric] = {}
         if self.pair_weighting is not None:
-            out.pair_weights, weight_metrics = self.pair_weighting(out)
+            weights, weight_metrics = self.pair_weighting(out)
+            out = out.with_pair_weights(weights)
             metrics.update(weight_metrics)
         sums: dict[str, torch.Tensor] = {}
         for name, weight, loss in self.terms:

@@ -54,7 +54,7 @@ def test_tiled_sdpa_equals_dense_sdpa_in_values_and_gradients(tile, num_kv_heads
     sdpa = attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or sdpa(*a, **k))
     for batch in batches():
-        n_tiles = len(query_tiles(batch["attention_mask"], tile))
+        n_tiles = len(query_tiles(batch.attention_mask, tile))
         assert n_tiles > 1 or tile == 128
         results = []
         for model in (dense, tiled):
@@ -72,7 +72,7 @@ def test_tiled_sdpa_equals_dense_sdpa_in_values_and_gradients(tile, num_kv_heads
 
 def test_tiles_skip_keys_the_mask_hides():
     batch = batches()[0]
-    mask = batch["attention_mask"]
+    mask = batch.attention_mask
     tiles = query_tiles(mask, 8)
     computed = sum((q1 - q0) * (q1 - k0) for q0, q1, k0 in tiles)
     assert computed <= 2 * mask.shape[-1] ** 2 / 3  # dense SDPA computes all L x L scores
@@ -118,7 +118,7 @@ def test_tiles_reach_the_attention_under_gradient_checkpointing(monkeypatch):
         model.train()
         CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(batch, Needs()).seq_logps.sum().backward()
         grads.append([p.grad for p in model.parameters()])
-    n_tiles = len(query_tiles(batch["attention_mask"], 4))
+    n_tiles = len(query_tiles(batch.attention_mask, 4))
     assert len(calls) == 2 * 2 * n_tiles  # two layers, forward and the checkpointed recompute
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

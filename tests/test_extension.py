@@ -66,7 +66,7 @@ def test_a_loss_reads_a_new_column_and_statistic_and_trains_through_the_unchange
     assert len(weights) > 1 and weights <= {0.5, 1.0, 1.5}  # the stage's column, with more than one value
     expected = naive_weighted_nll(trainer.accelerator.unwrap_model(trainer.policy).model, examples)
     batch = trainer._step_batches(0)[0]
-    assert batch["seq_columns"]["weight"].tolist() == [ex["weight"] for ex in examples[:4]]
+    assert batch.seq_columns["weight"].tolist() == [ex["weight"] for ex in examples[:4]]
     assert trainer.train_step().loss == pytest.approx(expected, rel=1e-5)
 
 

@@ -24,40 +24,40 @@ def packed():
 
 
 def test_per_token_lengths_are_each_documents_own_length(packed):
-    lengths = per_token_lengths(packed["doc_ids"])
+    lengths = per_token_lengths(packed.doc_ids)
     for d, n in enumerate([12, 7, 20, 5]):
-        assert set(lengths[packed["doc_ids"] == d].tolist()) == {n}
-    assert (lengths[packed["doc_ids"] < 0] == 0).all() and (packed["doc_ids"] < 0).any()
+        assert set(lengths[packed.doc_ids == d].tolist()) == {n}
+    assert (lengths[packed.doc_ids < 0] == 0).all() and (packed.doc_ids < 0).any()
 
 
 def test_neftune_scale_follows_each_packed_example_not_the_row(packed):
     model = tiny_model().model.train()
     embed = model.get_input_embeddings()
     d = embed.weight.shape[1]
-    clean = embed(packed["input_ids"]).detach()
+    clean = embed(packed.input_ids).detach()
     noise_hook = NEFTune(model, alpha=5.0)
     torch.manual_seed(0)
     with noise_hook.applied(packed):
-        noise = embed(packed["input_ids"]).detach() - clean
+        noise = embed(packed.input_ids).detach() - clean
     for doc, n in enumerate([12, 7, 20, 5]):
         bound = 5.0 / math.sqrt(n * d)
-        values = noise[packed["doc_ids"] == doc]
+        values = noise[packed.doc_ids == doc]
         assert values.abs().max() <= bound * (1 + 1e-5)
         assert values.abs().max() > 0.9 * bound  # U(-1, 1) * bound over n * d draws reaches near the bound
         assert abs(values.mean()) < 0.1 * bound and values.std() == pytest.approx(bound / math.sqrt(3), rel=0.2)
-    assert (noise[packed["doc_ids"] < 0] == 0).all()
+    assert (noise[packed.doc_ids < 0] == 0).all()
 
 
 def test_neftune_is_off_outside_training_forwards(packed):
     model = tiny_model().model
     embed = model.get_input_embeddings()
-    clean = embed(packed["input_ids"]).detach()
+    clean = embed(packed.input_ids).detach()
     noise_hook = NEFTune(model, alpha=15.0)
     model.train()
-    assert torch.equal(embed(packed["input_ids"]), clean)  # outside applied(): reference scoring, generation
+    assert torch.equal(embed(packed.input_ids), clean)  # outside applied(): reference scoring, generation
     model.eval()
     with noise_hook.applied(packed):
-        assert torch.equal(embed(packed["input_ids"]), clean)  # evaluation
+        assert torch.equal(embed(packed.input_ids), clean)  # evaluation
     with pytest.raises(ValueError, match="neftune_alpha must be > 0"):
         NEFTune(model, alpha=0)
 
@@ -65,18 +65,18 @@ def test_neftune_is_off_outside_training_forwards(packed):
 def test_masked_thought_masks_only_response_inputs_and_keeps_labels(packed):
     rate, mask_id = 0.5, 0
     masked = mask_responses(packed, rate, mask_id, draw_generator(42, 3, 0, 0))
-    changed = (masked["input_ids"] != packed["input_ids"]).view(-1)
-    response_positions = packed["target_index"] + 1
+    changed = (masked.input_ids != packed.input_ids).view(-1)
+    response_positions = packed.target_index + 1
     assert set(changed.nonzero().flatten().tolist()) <= set(response_positions.tolist())
     assert 0.3 < changed.sum() / response_positions.numel() < 0.7
     for key in ("target_ids", "target_index", "attention_mask", "position_ids"):
-        assert torch.equal(masked[key], packed[key])
-    flat = packed["input_ids"].view(-1)
-    assert torch.equal(flat[response_positions], packed["target_ids"])  # the positions are the response tokens
+        assert torch.equal(getattr(masked, key), getattr(packed, key))
+    flat = packed.input_ids.view(-1)
+    assert torch.equal(flat[response_positions], packed.target_ids)  # the positions are the response tokens
     again = mask_responses(packed, rate, mask_id, draw_generator(42, 3, 0, 0))
-    assert torch.equal(again["input_ids"], masked["input_ids"])  # same (seed, step, rank, micro-batch): same mask
+    assert torch.equal(again.input_ids, masked.input_ids)  # same (seed, step, rank, micro-batch): same mask
     other = mask_responses(packed, rate, mask_id, draw_generator(42, 4, 0, 0))
-    assert not torch.equal(other["input_ids"], masked["input_ids"])
+    assert not torch.equal(other.input_ids, masked.input_ids)
 
 
 def test_masked_thought_rate_ramps_as_the_authors_trainer():

@@ -36,27 +36,27 @@ def naive_token_logps(model, ids, mask):
 def test_packed_rows_give_the_same_per_token_logps_as_separate_sequences():
     model, examples = tiny_model(), sft_examples()
     packed = Collator("sft", packing=True, shared_prompt=True, row_length=32)(examples)
-    assert packed["input_ids"].shape[0] < len(examples)  # documents really share rows
+    assert packed.input_ids.shape[0] < len(examples)  # documents really share rows
     out = model(packed, Needs())
     for i, ex in enumerate(examples):
         expected = naive_token_logps(model, ex["input_ids"], ex["target_mask"])
         torch.testing.assert_close(out.token_logps[out.token_seq == i], expected, atol=1e-5, rtol=1e-5)
     padded = Collator("sft", packing=False, shared_prompt=True, row_length=32)(examples)
-    assert padded["input_ids"].shape[0] == len(examples)
+    assert padded.input_ids.shape[0] == len(examples)
     torch.testing.assert_close(model(padded, Needs()).seq_logps, out.seq_logps, atol=1e-5, rtol=1e-5)
 
 
 def test_packing_resets_positions_and_never_labels_a_documents_first_token():
     examples = sft_examples()
     batch = Collator("sft", packing=True, shared_prompt=True, row_length=64)(examples)
-    width = batch["input_ids"].shape[1]
-    starts = (batch["position_ids"] == 0).nonzero().tolist()
-    predicted = batch["target_index"] + 1  # flat index of each target token
+    width = batch.input_ids.shape[1]
+    starts = (batch.position_ids == 0).nonzero().tolist()
+    predicted = batch.target_index + 1  # flat index of each target token
     first_tokens = {r * width + c for r, c in starts}
     assert not first_tokens & set(predicted.tolist())
     assert len(starts) >= len(examples)
     # one target per response token, none for prompts
-    assert batch["counts"]["target_tokens"] == sum(sum(ex["target_mask"]) for ex in examples)
+    assert batch.counts["target_tokens"] == sum(sum(ex["target_mask"]) for ex in examples)
 
 
 def pair_examples():

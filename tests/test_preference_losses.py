@@ -381,10 +381,10 @@ def test_dpo_at_step_zero_with_reference_equal_to_policy_is_log2():
     loss_set = build_loss(cfg.loss)
     batch = Collator("pairs", packing=True, shared_prompt=True, row_length=256)([train[i] for i in range(8)])
     with torch.no_grad():
-        batch["ref_seq_logps"] = reference(batch, loss_set.needs).seq_logps
+        batch = batch.with_reference(reference(batch, loss_set.needs).seq_logps)
     out = policy(batch, loss_set.needs)
     sums, metrics = loss_set(out)
-    assert value(sums[UNIT_PAIRS]) / batch["counts"][UNIT_PAIRS] == pytest.approx(math.log(2), abs=1e-6)
+    assert value(sums[UNIT_PAIRS]) / batch.counts[UNIT_PAIRS] == pytest.approx(math.log(2), abs=1e-6)
     assert metric(metrics, "rewards/accuracies") == 0.0
     assert metric(metrics, "rewards/margins") == pytest.approx(0.0, abs=1e-6)
     assert "logits/chosen" in metrics

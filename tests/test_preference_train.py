@@ -274,15 +274,14 @@ def test_adapter_disabled_reference_pass_ignores_dropout(tmp_path):
     idx = micro_batches(trainer.ordering(trainer.train_ds, 0, 0), 0, 4, 0, 1, 4)[0]
     batch = trainer.collator([trainer.train_ds[i] for i in idx])
     trainer.policy.train()
-    first, second = dict(batch), dict(batch)
-    trainer.reference.attach(first, trainer.policy)
-    trainer.reference.attach(second, trainer.policy)
+    first = trainer.reference.with_logps(batch, trainer.policy)
+    second = trainer.reference.with_logps(batch, trainer.policy)
     assert trainer.policy.training
-    assert torch.equal(first["ref_seq_logps"], second["ref_seq_logps"])
+    assert torch.equal(first.ref_seq_logps, second.ref_seq_logps)
     trainer.policy.eval()
     with torch.no_grad(), trainer.policy.model.disable_adapter():
         base = trainer.policy(batch, trainer.needs).seq_logps
-    assert torch.equal(first["ref_seq_logps"], base)
+    assert torch.equal(first.ref_seq_logps, base)
 
 
 # ---- learning ----------------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def test_reference_then_scores_then_sftmix_training_and_resume(tmp_path, monkeyp
     trainer = mix("mix")
     assert sum(trainer.train_ds["group"]) == 57
     for batch in trainer._step_batches(0):
-        assert batch["seq_columns"]["group"].tolist() == [1, 0, 1, 0]
+        assert batch.seq_columns["group"].tolist() == [1, 0, 1, 0]
     summary = trainer.fit()
     logged = read_metrics(str(tmp_path / "mix"))
     assert len(logged) == 2 and all(r["sftmix/loss"] > 0 and 0 < r["sftmix/lambda"] < 1 for r in logged)

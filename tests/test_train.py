@@ -54,7 +54,7 @@ def test_accumulation_gives_the_update_of_one_big_batch(tmp_path):
     small, small_batches, trainer = one_step_params(tmp_path, "small", 2)
     assert len(big_batches) == 1 and len(small_batches) == 4
     # micro-batches hold different numbers of labelled tokens, so a per-micro-batch mean would differ
-    tokens = [b["counts"]["target_tokens"] for b in small_batches]
+    tokens = [b.counts["target_tokens"] for b in small_batches]
     assert len(set(tokens)) > 1
     torch.testing.assert_close(small, big, atol=2e-6, rtol=1e-5)
     # and the logged step loss is the token mean over the whole global batch
@@ -251,7 +251,7 @@ def test_unknown_data_ordering_is_refused_before_any_model_is_built(tmp_path, mo
 def test_train_step_returns_its_result_and_advances_the_step(tmp_path):
     trainer, _ = run(tmp_path, "api", "train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
                      fit=False)
-    rows = [b["num_tokens"] for b in trainer._step_batches(0)]
+    rows = [b.num_tokens for b in trainer._step_batches(0)]
     first = trainer.train_step()
     assert isinstance(first, StepResult)
     assert (first.step, trainer.step, first.skipped) == (1, 1, False)
@@ -260,7 +260,7 @@ def test_train_step_returns_its_result_and_advances_the_step(tmp_path):
     assert first.metrics.reduce(trainer.accelerator)["ntp/loss"] == pytest.approx(first.loss, rel=1e-6)
     second = trainer.train_step()
     assert (second.step, trainer.step) == (2, 2)
-    assert second.tokens == sum(b["num_tokens"] for b in trainer._step_batches(1))
+    assert second.tokens == sum(b.num_tokens for b in trainer._step_batches(1))
 
 
 def test_training_and_evaluation_compute_the_same_loss_for_the_same_examples(tmp_path):

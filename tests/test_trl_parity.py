@@ -53,8 +53,8 @@ def setup(tmp_path_factory):
     policy.eval()
     batch = collate(examples)
     with torch.no_grad():
-        batch["ref_seq_logps"] = CausalLMWithLogProbs(reference, chunk_size=16)(batch, Needs()).seq_logps
-    ref = batch["ref_seq_logps"].view(-1, 2)
+        batch = batch.with_reference(CausalLMWithLogProbs(reference, chunk_size=16)(batch, Needs()).seq_logps)
+    ref = batch.ref_seq_logps.view(-1, 2)
     trl_examples = [{**ex, "ref_chosen_logps": float(ref[i, 0]), "ref_rejected_logps": float(ref[i, 1])}
                     for i, ex in enumerate(examples)]
     yield {"cfg": cfg, "tokenizer": tokenizer, "examples": examples, "policy": policy, "batch": batch,
@@ -131,7 +131,7 @@ def ours(setup, options: dict, weighting=None):
     with torch.no_grad():
         sums, metrics = loss_set(policy(setup["batch"], loss_set.needs))
     values = {k: float(m.value) / m.count for k, m in metrics.items() if m.unit is None and m.reduce == "mean"}
-    return float(sums[UNIT_PAIRS]) / setup["batch"]["counts"][UNIT_PAIRS], values
+    return float(sums[UNIT_PAIRS]) / setup["batch"].counts[UNIT_PAIRS], values
 
 
 @pytest.mark.parametrize("loss_type, beta, eps", [

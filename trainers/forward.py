@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.data.contract import TOKEN_STATISTICS, ForwardOutputs, Needs
+from tunelab.data.contract import TOKEN_STATISTICS, Batch, ForwardOutputs, Needs
 from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
@@ -274,41 +274,41 @@ class CausalLMWithLogProbs(nn.Module):
         self.keep_bytes = keep_bytes
         self.attention_tile = attention_tile
 
-    def forward(self, batch: dict, needs: Needs) -> ForwardOutputs:
+    def forward(self, batch: Batch, needs: Needs) -> ForwardOutputs:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        mask = layout_mask(batch["attention_mask"], implementation, self.model.get_input_embeddings().weight.dtype)
+        mask = layout_mask(batch.attention_mask, implementation, self.model.get_input_embeddings().weight.dtype)
         tiled = implementation == TILED_SDPA
         hidden = body(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
             attention_mask=mask,
             use_cache=False,
             **({"attention_tiles": query_tiles(mask, self.attention_tile)} if tiled else {}),
         ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
-        targets = batch["target_ids"]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        targets = batch.target_ids
         token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats),
                                           keep_bytes=self.keep_bytes)
-        seq_role = batch["seq_role"]
+        seq_role = batch.seq_role
         n_seq = seq_role.shape[0]
-        token_seq = batch["target_seq"]
+        token_seq = batch.target_seq
         seq_logps = token_logps.new_zeros(n_seq).index_add(0, token_seq, token_logps)
         seq_tokens = token_logps.new_zeros(n_seq).index_add_(0, token_seq, torch.ones_like(token_logps.detach()))
         out = ForwardOutputs(
             token_logps=token_logps,
             token_seq=token_seq,
-            token_pos=batch["target_pos"],
+            token_pos=batch.target_pos,
             token_targets=targets,
             seq_logps=seq_logps,
             seq_tokens=seq_tokens,
             seq_role=seq_role,
-            chosen=batch["chosen"],
-            rejected=batch["rejected"],
-            ref_seq_logps=batch.get("ref_seq_logps"),
+            chosen=batch.chosen,
+            rejected=batch.rejected,
+            ref_seq_logps=batch.ref_seq_logps,
             token_stats=stats,
-            seq_columns=batch.get("seq_columns", {}),
+            seq_columns=batch.seq_columns,
         )
         if needs.hidden_states:
             out.hidden = hidden

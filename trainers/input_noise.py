@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
+from tunelab.data.contract import Batch
 from tunelab.data.masked_thought import draw_generator, mask_rate, mask_responses
 from tunelab.trainers.neftune import NEFTune
 
@@ -51,7 +52,7 @@ class InputNoise:
         return mask_rate(step, self.total_steps, max_rate, warmup_ratio)
 
     @contextmanager
-    def applied(self, batch: dict, step: int, rank: int, micro_batch: int):
+    def applied(self, batch: Batch, step: int, rank: int, micro_batch: int):
         """The micro-batch the policy trains on, with the noise hook armed for its forward."""
         if self.masking is not None:
             generator = draw_generator(self.seed, step, rank, micro_batch)

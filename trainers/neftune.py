@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from tunelab.data.contract import Batch
+
 
 def per_token_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     """[rows, L] document index per position (-1 = padding) -> the length of each position's document (0 for
@@ -49,8 +51,8 @@ class NEFTune:
         return embeddings + torch.empty_like(embeddings).uniform_(-1.0, 1.0) * scale[..., None]
 
     @contextmanager
-    def applied(self, batch: dict):
-        self.lengths = per_token_lengths(batch["doc_ids"])
+    def applied(self, batch: Batch):
+        self.lengths = per_token_lengths(batch.doc_ids)
         try:
             yield
         finally:

@@ -41,6 +41,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
 
+from tunelab.data.contract import Batch
 from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.trainers.distributed import is_partitioned, zero_stage
 from tunelab.trainers.forward import CausalLMWithLogProbs
@@ -243,10 +244,11 @@ class Reference:
         """The weights a TR-DPO update moves, as an object Accelerate saves and restores with each checkpoint."""
         return _MovedWeights(self, policy)
 
-    def attach(self, batch: dict, policy) -> None:
-        """For live strategies: put the reference's per-sequence log-probs into the batch."""
+    def with_logps(self, batch: Batch, policy) -> Batch:
+        """The batch with the reference's per-sequence log-probs: as collated for the precomputed strategy (from the
+        examples' ``ref_logps``), scored now by the live ones."""
         if self.strategy == "precomputed":
-            return
+            return batch
         if self.strategy == "frozen_copy":
             scorer, context = self.copy, self.accelerator.autocast()
         else:
@@ -255,8 +257,9 @@ class Reference:
         was_training = scorer.training
         scorer.eval()  # the policy trains in train mode: its base model's dropout must not reach the reference
         with torch.no_grad(), context:
-            batch["ref_seq_logps"] = scorer(batch, NO_STATS).seq_logps.detach()
+            ref_seq_logps = scorer(batch, NO_STATS).seq_logps.detach()
         scorer.train(was_training)
+        return batch.with_reference(ref_seq_logps)
 
 
 class _MovedWeights:

@@ -35,12 +35,6 @@ def gather_in_order(accelerator, results: dict[int, object], num_items: int) -> 
     return [merged[pos] for pos in range(num_items)]
 
 
-def to_device(batch: dict, device) -> dict:
-    """The batch's tensors (also inside nested dicts such as ``seq_columns``) on ``device``."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v
-            for k, v in batch.items()}
-
-
 def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator, batch_size: int,
                    indices: list[int] | None = None, description: str = "scoring",
                    progress: bool = True) -> list[list[float]]:
@@ -59,7 +53,7 @@ def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator,
     with torch.no_grad():
         for step, positions in enumerate(mine):
             examples = [dataset[indices[p]] for p in (positions or [0])]  # [0]: a forward to stay in lockstep
-            out = scorer(to_device(collator(examples), accelerator.device), NO_STATS)
+            out = scorer(collator(examples).to(accelerator.device), NO_STATS)
             values = out.seq_logps.float().view(len(examples), -1).tolist()
             results.update(zip(positions, values))
             bar.update(sum(len(batches[step]) for batches in every_rank))

@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 
 from tunelab.data.collate import Collator
+from tunelab.data.contract import Batch
 from tunelab.data.fingerprint import check_same_data_on_every_rank
 from tunelab.data.pipeline import build_datasets
 from tunelab.data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
@@ -40,7 +41,7 @@ from tunelab.trainers.models import build_model, build_tokenizer
 from tunelab.trainers.optim import build_optimizer, build_scheduler
 from tunelab.trainers.precision import resolve_precision
 from tunelab.trainers.reference import Reference
-from tunelab.trainers.scoring import rank_batches, to_device
+from tunelab.trainers.scoring import rank_batches
 from tunelab.trainers.tracking import RunTracker, format_summary, tracker_names
 
 log = logging.getLogger("tunelab")
@@ -189,7 +190,7 @@ class Trainer:
         self.history: list[dict] = []
 
     # ---- batches -------------------------------------------------------------------------------------------
-    def _step_batches(self, step: int) -> list[dict]:
+    def _step_batches(self, step: int) -> list[Batch]:
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = self.ordering(self.train_ds, self.cfg.seed, epoch)
         acc = self.accelerator
@@ -197,18 +198,18 @@ class Trainer:
                                acc.num_processes, self.cfg.train.micro_batch_size)
         return [self.collator([self.train_ds[i] for i in idx]) for idx in groups]
 
-    def _global_counts(self, batches: list[dict]) -> dict[str, float]:
-        units = sorted(batches[0]["counts"])
-        local = torch.tensor([[b["counts"][u] for u in units] for b in batches], dtype=torch.float64).sum(0)
+    def _global_counts(self, batches: list[Batch]) -> dict[str, float]:
+        units = sorted(batches[0].counts)
+        local = torch.tensor([[b.counts[u] for u in units] for b in batches], dtype=torch.float64).sum(0)
         total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
         return dict(zip(units, total.tolist()))
 
-    def _loss_sums(self, batch: dict) -> tuple[dict, dict[str, Metric]]:
+    def _loss_sums(self, batch: Batch) -> tuple[dict, dict[str, Metric]]:
         """The loss set's per-unit sums and metrics for one micro-batch: the one forward-and-loss path, shared by
         training (which divides by the step's global counts) and evaluation (which divides by the eval set's)."""
-        batch = to_device(batch, self.accelerator.device)
+        batch = batch.to(self.accelerator.device)
         if self.reference is not None:
-            self.reference.attach(batch, self.policy)
+            batch = self.reference.with_logps(batch, self.policy)
         return self.loss_set(self.policy(batch, self.needs))
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Trainer:
                 acc.backward(loss * acc.num_processes * self.accumulation)
                 step_loss += loss.detach().double()
                 accum.add(metrics)
-                tokens += batch["num_tokens"]
+                tokens += batch.num_tokens
         local = torch.stack([step_loss, torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
         step_loss, tokens = acc.reduce(local, reduction="sum").tolist()
         grad_norm = self._grad_norm()
@@ -300,7 +301,7 @@ class Trainer:
                 continue
             for unit, total in unit_sums.items():
                 sums[unit] = sums.get(unit, 0.0) + float(total)
-            for unit, c in batch["counts"].items():
+            for unit, c in batch.counts.items():
                 unit_totals[unit] = unit_totals.get(unit, 0.0) + c
             accum.add(metrics)
         accum.add_units(unit_totals)
