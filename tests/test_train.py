@@ -9,10 +9,12 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
+from omegaconf import OmegaConf
 
 from tunelab.trainers import checkpoint
 from tunelab.trainers import trainer as trainer_module
 from tunelab.trainers.config_check import ConfigError
+from tunelab.trainers.models import build_model
 from tunelab.trainers.tracking import RunTracker, format_summary, metrics_figure
 from tunelab.trainers.trainer import NonFiniteError, StepResult, Trainer
 
@@ -117,6 +119,12 @@ def test_lora_export_writes_adapter_and_merged_model(tmp_path):
     assert isinstance(trained, PeftModel)
     learning = [n for n, p in trained.named_parameters() if p.requires_grad]
     assert learning and all("lora_" in n for n in learning)
+    # all-linear at r=4: A [4, in] and B [out, 4] beside every linear layer of the plain model except the LM head
+    plain = build_model(OmegaConf.merge(trainer.cfg.model, {"lora": {"enabled": False}}), trainer.tokenizer, 0)
+    head = plain.get_output_embeddings()
+    expected = sum(4 * (m.in_features + m.out_features) for m in plain.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head)
+    assert sum(p.numel() for p in trained.parameters() if p.requires_grad) == expected > 0
     trainer.fit()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "export")
     assert os.path.exists(tmp_path / "lora" / "export_adapter" / "adapter_model.safetensors")
