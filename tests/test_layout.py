@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,3 +92,17 @@ def test_gradients_match_the_naive_full_logits_computation():
     sum(naive_token_logps(model, ex["input_ids"], ex["target_mask"]).sum() for ex in examples).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_batch_is_frozen_and_the_reference_arrives_as_a_new_batch():
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "ref_logps": [-1.5, -2.5]},
+                {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12], "ref_logps": [-3.0, -4.0]}]
+    collated = Collator("pairs", packing=True, shared_prompt=True, row_length=16)(examples)
+    assert collated.ref_seq_logps.tolist() == [-1.5, -2.5, -3.0, -4.0]  # precomputed: chosen, rejected per pair
+    assert collated.chosen.tolist() == [0, 2] and collated.rejected.tolist() == [1, 3]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        collated.ref_seq_logps = torch.zeros(4)
+    live = collated.with_reference(torch.tensor([-1.0, -2.0, -3.0, -4.0]))
+    assert live.ref_seq_logps.tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert collated.ref_seq_logps.tolist() == [-1.5, -2.5, -3.0, -4.0]  # the original is untouched
+    assert live.input_ids is collated.input_ids
