@@ -117,8 +117,7 @@ def test_bad_options_are_named(options, message):
 
 
 def test_sorting_losses_refuse_pair_weights():
-    out = make_out()
-    out.pair_weights = torch.ones(2, dtype=torch.float64)
+    out = make_out().with_pair_weights(torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="sorts the pairs"):
         DPOLoss(loss_type="aot").pair_losses(out)
 
