@@ -310,14 +310,19 @@ def _check_deepspeed_trainable_weights(accelerator, path: str) -> None:
 
     for i, engine in enumerate(accelerator._models):
         file = _deepspeed_module_file(engine, path, i)
-        saved = set(torch.load(file, map_location="cpu", weights_only=False)["module"])
-        expected = set(engine.module.state_dict()) - _frozen_names(engine.module)
-        if saved != expected:
-            missing, extra = sorted(expected - saved), sorted(saved - expected)
-            raise CheckpointError(
-                f"{file} holds the trainable weights of another model (missing: {', '.join(missing[:3]) or 'none'}; "
-                f"not in this model: {', '.join(extra[:3]) or 'none'}): resume with the model and LoRA settings "
-                "that wrote it")
+        _require_exactly_trainable(file, set(torch.load(file, map_location="cpu", weights_only=False)["module"]),
+                                   engine.module)
+
+
+def _require_exactly_trainable(file: str, saved: set[str], module) -> None:
+    """A light checkpoint's weights file must hold exactly the module's trainable weights, by state-dict name."""
+    expected = set(module.state_dict()) - _frozen_names(module)
+    if saved != expected:
+        missing, extra = sorted(expected - saved), sorted(saved - expected)
+        raise CheckpointError(
+            f"{file} holds the trainable weights of another model (missing: {', '.join(missing[:3]) or 'none'}; "
+            f"not in this model: {', '.join(extra[:3]) or 'none'}): resume with the model and LoRA settings "
+            "that wrote it")
 
 
 def _frozen_names(module) -> set[str]:
@@ -341,13 +346,7 @@ def _load_trainable_weights(models, path: str) -> None:
         file = os.path.join(path, WEIGHTS_FILE if i == 0 else WEIGHTS_FILE.replace(".", f"_{i}."))
         device = next(model.parameters()).device
         saved = load_file(file, device=str(device))
-        expected = set(model.state_dict()) - _frozen_names(model)
-        if set(saved) != expected:
-            missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
-            raise CheckpointError(
-                f"{file} holds the trainable weights of another model (missing: {', '.join(missing[:3]) or 'none'}; "
-                f"not in this model: {', '.join(extra[:3]) or 'none'}): resume with the model and LoRA settings "
-                "that wrote it")
+        _require_exactly_trainable(file, set(saved), model)
         model.load_state_dict(saved, strict=False)
     models.clear()
 

@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 from tunelab.data.contract import Batch
 from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.trainers.distributed import is_partitioned, zero_stage
+from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.scoring import NO_STATS, score_examples
 
@@ -199,11 +200,7 @@ class Reference:
 
     @staticmethod
     def _write_cache(path: str, values: dict[int, list[float]]) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as handle:
-            json.dump({str(i): v for i, v in sorted(values.items())}, handle)
-        os.replace(tmp, path)
+        write_json_atomic(path, {str(i): v for i, v in sorted(values.items())})
 
     def cache_key(self, dataset, collator) -> str:
         """Everything that changes the reference log-probs of ``dataset``. The tokenized content reflects the
@@ -232,13 +229,14 @@ class Reference:
             return
         alpha = float(self.cfg.reference.update_alpha)
         with torch.no_grad():
-            for mine, trained in self.updated_weights(policy):
+            for mine, trained in self.moved_weights(policy).values():
                 mine.mul_(1.0 - alpha).add_(trained.detach().to(mine.dtype), alpha=alpha)
 
-    def updated_weights(self, policy) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(reference weight, policy weight) for every weight the policy trains, matched by name."""
+    def moved_weights(self, policy) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (reference weight, policy weight) for every weight the policy trains: what a TR-DPO update moves."""
         trained = dict(self.accelerator.unwrap_model(policy).model.named_parameters())
-        return [(p, trained[name]) for name, p in self.copy.model.named_parameters() if trained[name].requires_grad]
+        return {name: (p, trained[name]) for name, p in self.copy.model.named_parameters()
+                if trained[name].requires_grad}
 
     def state_for_checkpoint(self, policy):
         """The weights a TR-DPO update moves, as an object Accelerate saves and restores with each checkpoint."""
@@ -270,9 +268,7 @@ class _MovedWeights:
         self.reference, self.policy = reference, policy
 
     def _named(self) -> dict[str, torch.Tensor]:
-        trained = {n for n, p in self.reference.accelerator.unwrap_model(self.policy).model.named_parameters()
-                   if p.requires_grad}
-        return {n: p for n, p in self.reference.copy.model.named_parameters() if n in trained}
+        return {name: mine for name, (mine, _) in self.reference.moved_weights(self.policy).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self._named().items()}
