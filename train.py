@@ -8,6 +8,7 @@ from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 
 from tunelab.data.sources import expand_short_form, sources_overridden
+from tunelab.trainers.config_schema import register
 from tunelab.trainers.distributed import end_process_group
 from tunelab.trainers.interrupt import TrainingInterrupted
 from tunelab.trainers.logs import setup_logging
@@ -30,4 +31,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    register()  # the typed schema recipes/config.yaml composes on
     main()

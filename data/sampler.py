@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 ORDERINGS: dict[str, Callable] = {}
+DEFAULT_ORDERING = "random"  # what `data.ordering` means when a data config does not set it
 
 
 def register_ordering(name: str):
@@ -34,7 +35,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-@register_ordering("random")
+@register_ordering(DEFAULT_ORDERING)
 def random_order(dataset, seed: int, epoch: int) -> list[int]:
     generator = epoch_generator(seed, epoch)
     return torch.randperm(len(dataset), generator=generator).tolist()

@@ -35,6 +35,13 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 @register_loss("cpo")
 class CPOLoss(PairwiseLoss):
+    """Reference-free DPO on the policy's log-probs (Xu et al. 2024); the NLL term is a composed ``ntp``.
+
+    Options:
+    - ``beta``: 0.1, the paper's and TRL's CPOConfig default.
+    - ``loss_type``: sigmoid (the paper's Eq. 3) | hinge | ipo.
+    - ``label_smoothing``: eps of the conservative sigmoid form; 0 = none.
+    """
     needs = Needs(pairs=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):

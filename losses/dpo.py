@@ -176,6 +176,17 @@ def reference_logps(out: ForwardOutputs) -> torch.Tensor:
 
 @register_loss("dpo")
 class DPOLoss(PairwiseLoss):
+    """DPO and its pairwise family on policy/reference log-ratios (docs/methods_preference.md, `dpo`).
+
+    Options:
+    - ``beta``: strength of the implicit KL constraint; 0.1 is the DPO paper's and TRL's default.
+    - ``loss_type``: sigmoid (DPO) | robust | hinge | ipo | sigmoid_norm | exo_pair | nca_pair | bco_pair |
+      sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop (formulas in this module's docstring).
+    - ``label_smoothing``: eps, the assumed rate of flipped labels (cDPO, robust DPO, EXO, AOT); 0 = none.
+    - ``f_divergence``: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence (Wang et al. 2024).
+    - ``f_alpha``: alpha of alpha_divergence; 0.5 is TRL's default.
+    - ``discopop_tau``: DiscoPOP's temperature; the paper's 0.05.
+    """
     needs = Needs(pairs=True, reference=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,

@@ -15,6 +15,10 @@ from tunelab.losses.registry import register_loss
 
 @register_loss("ntp")
 class NTPLoss(Loss):
+    """Token-mean NLL over the step's labelled tokens (SFT; the chosen responses in a preference batch).
+
+    Options: none (``weight`` scales the term in a composed loss).
+    """
     def __call__(self, out):
         mask = out.nll_mask
         nll = -out.token_logps[mask]

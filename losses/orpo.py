@@ -57,6 +57,11 @@ def log_odds(avg_logps: torch.Tensor) -> torch.Tensor:
 
 @register_loss("orpo")
 class ORPOLoss(PairwiseLoss):
+    """ORPO's odds-ratio term lambda * L_OR (Hong et al. 2024); L_SFT is a composed ``ntp``.
+
+    Options:
+    - ``lambda``: weight of the odds-ratio term, default 0.1 (the paper and the authors' scripts).
+    """
     needs = Needs(pairs=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, **options):

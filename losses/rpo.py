@@ -42,6 +42,13 @@ VARIANTS = ("cumulative", "average")
 
 @register_loss("rpo")
 class RPOLoss(DPOLoss):
+    """DPO plus eta times an SFT term on the chosen response (Liu et al. 2024).
+
+    Options:
+    - ``beta``, ``loss_type``, ``label_smoothing``: the DPO term's, as for ``dpo``.
+    - ``eta``: weight of the SFT regulariser; 0.005 is the authors' alignment-handbook setting.
+    - ``variant``: cumulative (main paper, DPO - eta * beta * logp(y_w)) | average (appendix F, token-mean NLL).
+    """
     def __init__(self, beta: float = 0.1, eta: float = 0.005, variant: str = "cumulative",
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0):
         super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)

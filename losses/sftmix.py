@@ -110,6 +110,14 @@ def mixed_token_nll(out: ForwardOutputs, confident: torch.Tensor, unconfident: t
 
 @register_loss("sftmix")
 class SFTMixLoss(Loss):
+    """SFTMix's Mixup regulariser on (confident, unconfident) pairs (Xiao et al. 2024).
+
+    Options (details in this module's docstring):
+    - ``alpha``: Beta(alpha, alpha) of the mixing weight; 0.5 is our choice (docs/methods_sftmix.md).
+    - ``alignment``: overlap (mix the common positions) | pad (missing hidden states taken as zero).
+    - ``lambda_per``: pair (one lambda per pair) | batch (one per micro-batch, classic Mixup).
+    - ``normalize``: tokens (a token-mean) | pairs (a mean of per-pair means).
+    """
     needs = Needs(hidden_states=True, columns=frozenset({"group"}))
 
     def __init__(self, alpha: float = 0.5, alignment: str = "overlap", lambda_per: str = "pair",

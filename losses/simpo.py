@@ -40,6 +40,15 @@ LOSS_TYPES = ("sigmoid", "hinge")
 
 @register_loss("simpo")
 class SimPOLoss(PairwiseLoss):
+    """SimPO: length-normalised, reference-free reward with a target margin (Meng et al. 2024).
+
+    Options:
+    - ``beta``: reward scale; 2.0 is the authors' SimPOConfig default (paper settings use 2.0-10).
+    - ``gamma_beta_ratio``: the margin gamma as a fraction of beta; 0.25 is the authors' default.
+    - ``label_smoothing``: eps of the smoothed sigmoid (sigmoid only); 0 = none.
+    - ``loss_type``: sigmoid (the paper) | hinge.
+    - ``sft_weight``: only 0; the authors' SFT term is a composed ``ntp`` (this module's docstring).
+    """
     needs = Needs(pairs=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.25, label_smoothing: float = 0.0,

@@ -38,6 +38,11 @@ ALIGNMENTS = {"sampled": STAT_LOG_SUM_P2, "greedy": STAT_MAX_LOGP}
 
 @register_pair_weighting("wpo")
 class WPOWeighting:
+    """WPO's per-pair weight min(1, exp(l_chosen + l_rejected)) from the current policy (Zhou et al. 2024).
+
+    Options:
+    - ``alignment``: sampled (the paper's default, log p(y_t) - log sum_v p(v)^2) | greedy (minus max_v log p).
+    """
     def __init__(self, alignment: str = "sampled"):
         if alignment not in ALIGNMENTS:
             raise ValueError(f"unknown wpo alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")

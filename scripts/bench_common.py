@@ -110,12 +110,9 @@ def load_tokenizer(small: bool):
 
 
 def compose_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from tunelab.trainers.config_schema import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "recipes"), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def build_our_trainer(cfg):

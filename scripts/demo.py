@@ -11,8 +11,8 @@ import logging
 import os
 
 import torch
-from hydra import compose, initialize_config_dir
 
+from tunelab.trainers.config_schema import compose_config
 from tunelab.trainers.logs import setup_logging
 from tunelab.trainers.trainer import Trainer
 
@@ -42,9 +42,8 @@ def show(title: str, model, tokenizer) -> None:
 def main(overrides: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup_logging()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "recipes"), version_base=None):
-        # no fixed output_dir: each demo run gets a fresh runs/demo/<time>_<id> (a used one is refused)
-        cfg = compose("config", overrides=["recipe=sft_smollm2_lora_demo", *overrides])
+    # no fixed output_dir: each demo run gets a fresh runs/demo/<time>_<id> (a used one is refused)
+    cfg = compose_config(["recipe=sft_smollm2_lora_demo", *overrides])
     trainer = Trainer(cfg, recipe_name="demo")
     model = trainer.accelerator.unwrap_model(trainer.policy).model
     model.eval()

@@ -87,12 +87,9 @@ def load_config(run_dir: str | None, overrides: list[str]):
     if run_dir:
         cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)) if overrides else cfg
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from tunelab.trainers.config_schema import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "recipes"), version_base=None):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def mctune_options(cfg) -> dict:

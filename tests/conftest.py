@@ -8,8 +8,8 @@ import socket
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+
+from tunelab.trainers.config_schema import compose_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -22,9 +22,7 @@ FAST = [
 
 
 def make_cfg(overrides: list[str], fast: bool = True):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=RECIPES, version_base=None):
-        return compose("config", overrides=(FAST if fast else []) + list(overrides))
+    return compose_config((FAST if fast else []) + list(overrides))
 
 
 def two_process_launch() -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from conftest import make_cfg
+from conftest import ROOT, make_cfg
 from hydra.errors import MissingConfigException
 
-from tunelab.losses import build_loss
+from tunelab.losses import LOSSES, PAIR_WEIGHTINGS, build_loss
+from tunelab.trainers.config_schema import config_docs, constructor_options, documented_options
 
 
 def test_default_run_is_sft_on_tiny_model_and_bundled_data():
@@ -38,3 +41,18 @@ def test_unknown_loss_name_lists_the_registered_ones():
         build_loss({"ntp": {"betta": 1}})
     with pytest.raises(ValueError, match="`loss` block is empty"):
         build_loss({})
+
+
+def test_config_reference_page_is_current():
+    with open(os.path.join(ROOT, "docs", "config.md")) as page:
+        assert page.read() == config_docs(), "docs/config.md is stale: write config_docs() to it"
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES) + sorted(PAIR_WEIGHTINGS))
+def test_every_loss_option_is_documented_in_its_class(name):
+    kind = LOSSES.get(name) or PAIR_WEIGHTINGS[name]
+    options = constructor_options(kind)
+    if options is None:  # takes **options (orpo's `lambda`): its docstring must still name them
+        assert documented_options(kind), name
+    else:
+        assert set(documented_options(kind)) == set(options), name

@@ -4,10 +4,14 @@ the valid values; every shipped recipe passes."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 
 from tunelab.trainers import trainer as trainer_module
 from tunelab.trainers.config_check import ConfigError, check_config, check_resume_compatible, lr_range_note
@@ -34,7 +38,6 @@ BAD = [  # (override, what the message must say)
     ("train.max_steps=-3", "train.max_steps=-3 is invalid: valid values are null .* or an integer > 0"),
     ("train.on_nonfinite=skpi", "train.on_nonfinite='skpi' is invalid: valid values are one of stop, skip"),
     ("train.lr=-0.001", "train.lr=-0.001 is invalid: valid values are a number > 0"),
-    ("train.lr=fast", "train.lr='fast' is invalid: valid values are a number > 0"),
     ("data.eval_fraction=1.5", r"data.eval_fraction=1.5 is invalid: valid values are a number in \[0, 1\)"),
     ("train.optimizer=adamx", "train.optimizer=.adamx. is invalid: valid values are one of adamw, adam, sgd, adaf"),
     ("train.scheduler=cosin", "train.scheduler='cosin' is invalid: valid values are one of constant, linear, cosine"),
@@ -63,14 +66,32 @@ def test_bad_value_is_refused_at_start_up_naming_the_key(tmp_path, monkeypatch, 
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        check_config(make_cfg(["train.log_every=0", "model.dtype=float7", "train.lr=fast"]))
+        check_config(make_cfg(["train.log_every=0", "model.dtype=float7", "train.lr=-1"]))
     assert [line.split("=")[0].strip() for line in str(err.value).splitlines()[1:]] == [
         "train.log_every", "train.lr", "model.dtype"]
 
 
-def test_absent_and_unknown_keys_are_left_alone():
-    cfg = make_cfg(["+train.some_new_setting=3", "~data.eval_fraction"])
-    check_config(cfg)
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr=fast", r"Value 'fast' of type 'str' could not be converted to Float[\s\S]*full_key: train.lr"),
+    ("model.lora.rank=8", r"Key 'rank' not in 'LoraConfig'[\s\S]*full_key: model.lora.rank"),
+])
+def test_wrong_type_or_unknown_key_fails_while_composing_naming_the_key(override, message):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg([override])
+    assert re.search(message, str(err.value.__cause__))
+
+
+def test_a_misspelt_key_in_a_config_file_fails_while_composing_naming_it(tmp_path):
+    (tmp_path / "config.yaml").write_text("defaults: [base_schema, _self_]\ntrain:\n  lrr: 0.1\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("config")
+    assert re.search(r"Key 'lrr' not in 'TrainConfig'[\s\S]*full_key: train.lrr", str(err.value))
+
+
+def test_absent_keys_are_left_alone():
+    check_config(make_cfg(["~data.eval_fraction"]))
 
 
 @pytest.mark.parametrize("recipe", sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe"))
@@ -87,6 +108,13 @@ def test_resume_compatibility_names_each_differing_key_and_counts_an_absent_key_
                                           r"added: None in the checkpoint, True now; train.lr: 0.1 in the "
                                           r"checkpoint, 0.2 now\)"):
         check_resume_compatible(saved, {**saved, "train": {"lr": 0.2, "max_steps": 5, "added": True}}, "ckpt")
+
+
+def test_a_key_the_checkpoint_lacks_holds_its_schema_default_there():
+    saved = {"train": {"lr": 0.1}}  # written before train.momentum existed
+    check_resume_compatible(saved, {"train": {"lr": 0.1, "momentum": 0.0}}, "ckpt")  # the schema's default: same run
+    with pytest.raises(ConfigError, match=r"train.momentum: 0.0 in the checkpoint, 0.9 now"):
+        check_resume_compatible(saved, {"train": {"lr": 0.1, "momentum": 0.9}}, "ckpt")
 
 
 # ---- defaults that follow the model ---------------------------------------------------------------------------
@@ -132,7 +160,9 @@ def test_no_shipped_recipe_runs_outside_its_models_range(recipe):
 
 def test_a_model_config_without_recommendations_or_with_a_bad_range_is_refused_by_key():
     with pytest.raises(ConfigError, match=r"train.lr cannot be resolved .*model config's `recommended` block"):
-        check_config(make_cfg(["~model.recommended"], fast=False))
+        cfg = make_cfg([], fast=False)
+        cfg.model.recommended.sft_lr = "???"  # a model config that does not set it
+        check_config(cfg)
     with pytest.raises(ConfigError, match=r"model.recommended.lr_range=\[0.01, 0.001\] is invalid: valid values "
                                           r"are \[low, high\]"):
         check_config(make_cfg(["model.recommended.lr_range=[1e-2,1e-3]"], fast=False))

@@ -510,17 +510,16 @@ def test_real_slurm_two_nodes_preempted_requeued_and_resumed(tmp_path):
 def test_submitit_slurm_launcher_composes():
     """`python train.py -m hydra/launcher=submitit_slurm ...` composes with the plugin installed."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
+    from tunelab.trainers.config_schema import compose_config
+
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base=None):
-            cfg = compose("config", return_hydra_config=True, overrides=[
-                "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=1", "hydra.launcher.gpus_per_node=8",
-                "hydra.launcher.tasks_per_node=1", "hydra.launcher.partition=gpu",
-                "hydra.launcher.timeout_min=240", "recipe=sft", "train.lr=1e-4",
-            ])
+        cfg = compose_config([
+            "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=1", "hydra.launcher.gpus_per_node=8",
+            "hydra.launcher.tasks_per_node=1", "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=240", "recipe=sft", "train.lr=1e-4",
+        ], return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
     launcher = cfg.hydra.launcher

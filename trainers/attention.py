@@ -21,10 +21,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunelab.trainers.config_schema import TrainConfig
+
 TILED_SDPA = "tiled_sdpa"
 # The implementations that can take the packed layout's [rows, 1, L, L] document mask (in ``layout_mask``'s form).
 LAYOUT_ATTENTION = (TILED_SDPA, "sdpa", "eager")
-DEFAULT_TILE = 128  # queries per tile: the fastest of 64-256 on the CPU benchmark rows (docs/benchmarks.md)
+DEFAULT_TILE = TrainConfig.attention_tile
 
 
 def query_tiles(mask: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[int, int, int]]:

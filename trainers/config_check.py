@@ -20,6 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 import tunelab.data.pipeline  # noqa: F401  (imports every module that registers a data.ordering)
 from tunelab.data.sampler import ORDERINGS
+from tunelab.trainers.config_schema import RunConfig
 from tunelab.trainers.models import DTYPES
 from tunelab.trainers.optim import OPTIMIZERS, SCHEDULERS
 from tunelab.trainers.tracking import TRACKERS
@@ -216,10 +217,15 @@ def check_resume_compatible(saved: dict | None, current: dict, checkpoint: str) 
     if saved is None:
         raise ConfigError(f"{checkpoint} records no config, so it cannot be checked against this run's; resume from "
                           "a checkpoint written by this version of tunelab")
-    # a key absent on one side counts as null: keys added since the checkpoint was written default to off
+    # a key absent on one side holds its schema default there (keys added since the checkpoint was written behave
+    # as before by default), else null
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
     old, new = _flatten(saved), _flatten(current)
-    differ = [f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now"
-              for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and not _may_change(key)]
+    differ = []
+    for key in sorted(set(old) | set(new)):
+        was, now = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if was != now and not _may_change(key):
+            differ.append(f"{key}: {was!r} in the checkpoint, {now!r} now")
     if differ:
         raise ConfigError(
             f"cannot resume from {checkpoint}: it was written with another config ("

@@ -26,9 +26,10 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.contract import TOKEN_STATISTICS, Batch, ForwardOutputs, Needs
 from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
+from tunelab.trainers.config_schema import TrainConfig
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
-DEFAULT_KEEP_BYTES = 256 * 2 ** 20
+DEFAULT_KEEP_BYTES = TrainConfig.logits_keep_mb * 2 ** 20
 
 
 # ---- generic path ---------------------------------------------------------------------------------------------
@@ -266,8 +267,8 @@ def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 class CausalLMWithLogProbs(nn.Module):
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, keep_bytes: int = DEFAULT_KEEP_BYTES,
-                 attention_tile: int = DEFAULT_TILE):
+    def __init__(self, model: nn.Module, chunk_size: int = TrainConfig.logits_chunk_size,
+                 keep_bytes: int = DEFAULT_KEEP_BYTES, attention_tile: int = DEFAULT_TILE):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

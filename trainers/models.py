@@ -144,6 +144,7 @@ def build_model(model_cfg, tokenizer, seed: int):
         if model_cfg.get("load_in_4bit"):
             from transformers import BitsAndBytesConfig
 
+            # QLoRA's setting (Dettmers et al. 2023, arXiv 2305.14314): 4-bit NormalFloat with double quantization
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,

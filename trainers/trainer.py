@@ -25,7 +25,14 @@ from tunelab.data.collate import Collator
 from tunelab.data.contract import Batch
 from tunelab.data.fingerprint import check_same_data_on_every_rank
 from tunelab.data.pipeline import build_datasets
-from tunelab.data.sampler import ORDERINGS, derive_accumulation, drawn_examples, micro_batches, steps_per_epoch
+from tunelab.data.sampler import (
+    DEFAULT_ORDERING,
+    ORDERINGS,
+    derive_accumulation,
+    drawn_examples,
+    micro_batches,
+    steps_per_epoch,
+)
 from tunelab.data.sources import expand_short_form
 from tunelab.losses import build_loss
 from tunelab.losses.base import Metric
@@ -171,7 +178,7 @@ class Trainer:
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
-        self.ordering = ORDERINGS[cfg.data.get("ordering", "random")]  # a known name: check_config saw to it
+        self.ordering = ORDERINGS[cfg.data.get("ordering", DEFAULT_ORDERING)]  # a known name: check_config saw to it
         if self.reference is not None:
             # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model); only the train
             # examples the remaining steps draw
