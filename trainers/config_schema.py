@@ -91,7 +91,7 @@ class ModelConfig:
 @dataclass
 class ReferenceConfig:
     strategy: str = option("auto", "auto (adapter_disabled for LoRA, else precomputed) | precomputed | frozen_copy "
-                           "| adapter_disabled: how reference log-probs are obtained (docs/architecture.md)")
+                           "| adapter_disabled: how reference log-probs are obtained (trainers/reference.py)")
     update_every: int = option(0, "TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): steps between reference "
                                "updates toward the policy; 0 keeps it fixed; TRL's default tau is 512")
     update_alpha: float = option(0.6, "TR-DPO mixing weight, ref <- a*policy + (1-a)*ref (TRL's default 0.6)")
