@@ -51,12 +51,27 @@ def mean_metric(values: torch.Tensor) -> Metric:
 
 
 class Loss:
-    """Base class. Subclasses set ``needs`` and implement ``__call__``; options are constructor kwargs."""
+    """Base class. Subclasses set ``needs`` and implement ``__call__``; options are constructor kwargs.
+
+    A loss with state across steps (BCO's running reward shift) sets ``stateful``; after every applied optimizer
+    step the core then calls ``after_step`` with the loss's own metrics of that step, reduced over its micro-batches
+    and ranks (keys without the term's name), and saves ``state_dict()`` in every checkpoint.
+    """
 
     needs: ClassVar[Needs] = Needs()
+    stateful: bool = False
 
     def __call__(self, out: ForwardOutputs) -> LossOutput:
         raise NotImplementedError
+
+    def after_step(self, step_metrics: dict[str, float]) -> None:
+        """Update the state from one applied optimizer step's metrics (stateful losses only)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (stateful losses only)."""
 
 
 class PairwiseLoss(Loss):

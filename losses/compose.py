@@ -57,6 +57,31 @@ class LossSet:
         return sums, metrics
 
 
+    @property
+    def stateful(self) -> bool:
+        return any(loss.stateful for _, _, loss in self.terms)
+
+    def after_step(self, step_metrics: dict[str, float]) -> None:
+        """Hand each stateful term its own metrics of the applied step (reduced over micro-batches and ranks)."""
+        for name, _, loss in self.terms:
+            if loss.stateful:
+                loss.after_step({key[len(name) + 1:]: value for key, value in step_metrics.items()
+                                 if key.startswith(f"{name}/")})
+
+    def state_dict(self) -> dict:
+        """The stateful terms' state by term name, for ``accelerator.register_for_checkpointing``."""
+        return {name: loss.state_dict() for name, _, loss in self.terms if loss.stateful}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {name for name, _, loss in self.terms if loss.stateful}
+        if set(state) != mine:
+            raise ValueError(f"the checkpoint holds loss state for {sorted(state)}, this run's stateful loss terms "
+                             f"are {sorted(mine)}")
+        for name, _, loss in self.terms:
+            if loss.stateful:
+                loss.load_state_dict(state[name])
+
+
 def build_loss(loss_cfg: Mapping, pair_weighting_cfg: Mapping | None = None) -> LossSet:
     terms = []
     for name, options in (loss_cfg or {}).items():

@@ -20,8 +20,13 @@ core averages over the pairs of the optimizer step):
   (the paper uses 1e-3).
 - ``nca_pair`` (NCA, Chen et al. 2024, arXiv 2402.05369):
   -log sigma(beta c) - 1/2 log sigma(-beta c) - 1/2 log sigma(-beta r).
-- ``bco_pair`` (BCO, Jung et al. 2024, arXiv 2404.04656, as TRL 1.16 writes it for pairs):
-  -log sigma(beta c) - log sigma(-beta r). The paper's running reward shift delta is not part of this form.
+- ``bco_pair`` (BCO, Jung et al. 2024, arXiv 2404.04656):  -log sigma(beta c - delta) - log sigma(-(beta r - delta)),
+  delta the running mean of the rewards beta c and beta r (the paper's reward shift; TRL's RunningMoments until it
+  dropped the shift). Here delta for optimizer step t is the mean over the applied steps before t of each step's
+  mean reward over all its pairs (both responses), reduced over micro-batches and ranks: 0 at the first step, and
+  independent of how a step is split. TRL updated it with each micro-batch's mean before using it, so its delta
+  included the current micro-batch. delta is part of every checkpoint (``stateful``); ``bco_running_shift: false``
+  gives delta = 0, TRL 1.16's bco_pair.
 - ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv 2405.00675, with hard win probabilities 1 / 0):
   (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2.
 - ``aot`` / ``aot_unpaired`` (AOT, Melnyk et al. 2024, arXiv 2406.05882): the sigmoid (with eps) loss on the
@@ -54,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.contract import STAT_LOGIT_MEAN, ForwardOutputs, Needs
-from tunelab.losses.base import Metric, PairwiseLoss, preference_metrics
+from tunelab.losses.base import Metric, PairwiseLoss, mean_metric, preference_metrics
 from tunelab.losses.registry import register_loss
 
 
@@ -114,7 +119,8 @@ LOSS_TYPES = {
     "exo_pair": lambda t, o: _exo(t, o.beta, o.label_smoothing),
     "nca_pair": lambda t, o: (-F.logsigmoid(o.beta * t.chosen_ratio) - 0.5 * F.logsigmoid(-o.beta * t.chosen_ratio)
                               - 0.5 * F.logsigmoid(-o.beta * t.rejected_ratio)),
-    "bco_pair": lambda t, o: -F.logsigmoid(o.beta * t.chosen_ratio) - F.logsigmoid(-o.beta * t.rejected_ratio),
+    "bco_pair": lambda t, o: (-F.logsigmoid(o.beta * t.chosen_ratio - o.reward_shift)
+                              - F.logsigmoid(-(o.beta * t.rejected_ratio - o.reward_shift))),
     "sppo_hard": lambda t, o: (t.chosen_ratio - 0.5 / o.beta) ** 2 + (t.rejected_ratio + 0.5 / o.beta) ** 2,
     "aot": lambda t, o: smoothed_sigmoid(
         o.beta * _sorted_difference(t.policy_margin, t.reference_margin), o.label_smoothing),
@@ -186,11 +192,13 @@ class DPOLoss(PairwiseLoss):
     - ``f_divergence``: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence (Wang et al. 2024).
     - ``f_alpha``: alpha of alpha_divergence; 0.5 is TRL's default.
     - ``discopop_tau``: DiscoPOP's temperature; the paper's 0.05.
+    - ``bco_running_shift``: bco_pair only: subtract the running mean reward delta (the BCO paper); false = TRL 1.16.
     """
     needs = Needs(pairs=True, reference=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05):
+                 f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05,
+                 bco_running_shift: bool = True):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
         if f_divergence not in F_DIVERGENCES:
@@ -203,6 +211,8 @@ class DPOLoss(PairwiseLoss):
         self.label_smoothing = check_label_smoothing(label_smoothing, loss_type)
         self.f_divergence, self.f_alpha = f_divergence, float(f_alpha)
         self.discopop_tau = check_beta(discopop_tau, "discopop_tau")
+        self.stateful = loss_type == "bco_pair" and bool(bco_running_shift)
+        self.reward_shift, self.shift_steps = 0.0, 0  # BCO's delta and the applied steps averaged into it
 
     def pair_terms(self, out: ForwardOutputs) -> PairTerms:
         ref = reference_logps(out)
@@ -220,9 +230,24 @@ class DPOLoss(PairwiseLoss):
                              "(pair_weighting) cannot be applied to it")
         terms = self.pair_terms(out)
         losses = LOSS_TYPES[self.loss_type](terms, self)
-        metrics = preference_metrics(out, self.beta * terms.chosen_ratio.detach(),
-                                     self.beta * terms.rejected_ratio.detach(), average_logps=False)
+        chosen_rewards = self.beta * terms.chosen_ratio.detach()
+        rejected_rewards = self.beta * terms.rejected_ratio.detach()
+        metrics = preference_metrics(out, chosen_rewards, rejected_rewards, average_logps=False)
+        if self.stateful:
+            metrics["reward_mean"] = mean_metric(torch.cat([chosen_rewards, rejected_rewards]))
+            metrics["reward_shift"] = Metric(self.reward_shift)
         return losses, metrics
+
+    def after_step(self, step_metrics: dict[str, float]) -> None:
+        """BCO: fold the applied step's mean reward into the running mean delta."""
+        self.shift_steps += 1
+        self.reward_shift += (step_metrics["reward_mean"] - self.reward_shift) / self.shift_steps
+
+    def state_dict(self) -> dict:
+        return {"reward_shift": self.reward_shift, "shift_steps": self.shift_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward_shift, self.shift_steps = float(state["reward_shift"]), int(state["shift_steps"])
 
     def pair_losses(self, out: ForwardOutputs) -> tuple[torch.Tensor, dict[str, Metric]]:
         return self.preference_losses(out)

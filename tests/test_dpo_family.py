@@ -63,6 +63,22 @@ def test_loss_types_match_hand_computation(loss_type, beta, eps):
     assert per_pair(loss) == pytest.approx(expected(loss_type, beta, eps), rel=1e-12, abs=1e-12)
 
 
+def test_bco_shift_is_a_running_mean_of_step_rewards_subtracted_from_both_rewards():
+    loss = DPOLoss(beta=0.5, loss_type="bco_pair")
+    assert loss.stateful and per_pair(loss) == pytest.approx(expected("bco_pair", 0.5), rel=1e-12)  # delta 0 at first
+    loss.after_step({"reward_mean": 0.3})
+    loss.after_step({"reward_mean": -0.1})
+    delta = (0.3 - 0.1) / 2
+    assert loss.state_dict() == {"reward_shift": pytest.approx(delta), "shift_steps": 2}
+    want = [-logsig(0.5 * c - delta) - logsig(-(0.5 * r - delta)) for c, r, *_ in ratios()]
+    assert per_pair(loss) == pytest.approx(want, rel=1e-12)
+    fresh = DPOLoss(beta=0.5, loss_type="bco_pair")
+    fresh.load_state_dict(loss.state_dict())
+    assert per_pair(fresh) == pytest.approx(want, rel=1e-12)
+    assert not DPOLoss(beta=0.5, loss_type="bco_pair", bco_running_shift=False).stateful
+    assert not DPOLoss(beta=0.5).stateful
+
+
 def test_aot_sorts_where_the_pairs_disagree():
     """The fixture's two pairs rank differently by policy and by reference margin, so AOT differs from DPO."""
     rows = ratios()

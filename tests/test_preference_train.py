@@ -367,3 +367,36 @@ def test_tr_dpo_resumes_with_the_moved_reference_and_needs_a_frozen_copy(tmp_pat
     assert resumed == pytest.approx(straight[2:], abs=1e-6)
     with pytest.raises(ValueError, match="needs reference.strategy=frozen_copy"):
         short_run(tmp_path, "precomputed", "recipe=dpo", "reference.update_every=4")
+
+
+# ---- BCO: a loss with state across steps --------------------------------------------------------------------------
+BCO = ["recipe=dpo", "loss.dpo.loss_type=bco_pair", "loss.dpo.beta=0.5", "train.lr=1e-2", "train.warmup_ratio=0"]
+
+
+def test_bco_shift_is_the_mean_of_the_past_steps_rewards_whatever_the_micro_batch(tmp_path):
+    """delta at step t = mean over steps < t of each step's mean reward; the loss of step t uses it, so step 3's loss
+    equals the hand formula on its logged rewards; micro-batches of 4 or 8 pairs give the same shifts."""
+    shifts, logs = {}, {}
+    for micro in (4, 8):
+        _, logs[micro] = short_run(tmp_path, f"micro{micro}", *BCO, f"train.micro_batch_size={micro}", steps=3)
+        shifts[micro] = [row["dpo/reward_shift"] for row in logs[micro]]
+    rewards = [row["dpo/reward_mean"] for row in logs[4]]
+    assert shifts[4] == pytest.approx([0.0, rewards[0], (rewards[0] + rewards[1]) / 2], abs=1e-6)
+    assert rewards[1] != pytest.approx(0.0, abs=1e-4)  # the shift is not trivially 0
+    assert shifts[8] == pytest.approx(shifts[4], abs=1e-5)
+    assert [row["loss"] for row in logs[8]] == pytest.approx([row["loss"] for row in logs[4]], abs=1e-5)
+
+
+def test_bco_shift_is_checkpointed_and_a_resume_continues_it(tmp_path):
+    straight = short_run(tmp_path, "straight", *BCO, "train.save_every=2", steps=4)[1]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step_0000002"
+    resumed = short_run(tmp_path, "resumed", *BCO, f"resume={checkpoint}", steps=4)[1]
+    assert [r["dpo/reward_shift"] for r in resumed] == pytest.approx([r["dpo/reward_shift"] for r in straight[2:]],
+                                                                      abs=1e-7)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[2:]], abs=1e-6)
+    assert straight[3]["dpo/reward_shift"] != pytest.approx(0.0, abs=1e-4)
+    without = short_run(tmp_path, "no_shift", *BCO, "+loss.dpo.bco_running_shift=false", steps=4)[1]
+    assert "dpo/reward_shift" not in without[0] and without[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
+    assert without[2]["loss"] != pytest.approx(straight[2]["loss"], abs=1e-5)  # the shift changes the objective

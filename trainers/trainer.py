@@ -178,6 +178,8 @@ class Trainer:
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
+        if self.loss_set.stateful:
+            acc.register_for_checkpointing(self.loss_set)
         self.ordering = ORDERINGS[cfg.data.get("ordering", DEFAULT_ORDERING)]  # a known name: check_config saw to it
         if self.reference is not None:
             # scored by the prepared policy (under ZeRO-3 only the engine can run the sharded model); only the train
@@ -265,6 +267,8 @@ class Trainer:
         else:
             self.optimizer.step()
             self.scheduler.step()
+            if self.loss_set.stateful:
+                self.loss_set.after_step(accum.reduce(acc))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.reference is not None:
