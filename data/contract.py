@@ -73,6 +73,12 @@ class Needs:
     # Per-example numeric columns that a data stage adds (e.g. SFTMix's "group"): the collator gives each sequence
     # its example's value, so a loss reads them as ``ForwardOutputs.seq_columns[name]`` without any core change.
     columns: frozenset[str] = frozenset()
+    # A scalar per sequence from the model's score head (a reward model's linear head) on the final hidden state
+    # of the sequence's last token: the model is built as a sequence classifier and exported as one.
+    sequence_scores: bool = False
+    # Per-token log-probs through the LM head. A loss on scores alone (a reward model) declares False, and the
+    # forward then computes no LM-head logits at all.
+    token_logps: bool = True
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -81,6 +87,8 @@ class Needs:
             token_stats=self.token_stats | other.token_stats,
             hidden_states=self.hidden_states or other.hidden_states,
             columns=self.columns | other.columns,
+            sequence_scores=self.sequence_scores or other.sequence_scores,
+            token_logps=self.token_logps or other.token_logps,
         )
 
 
@@ -143,6 +151,7 @@ class ForwardOutputs:
     score_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h [M,d], y [M]) -> logp [M]
     pair_weights: torch.Tensor | None = None  # [P] detached per-pair weights (a pair weighting's, e.g. WPO)
     seq_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float32, Needs.columns
+    seq_scores: torch.Tensor | None = None  # [S] score head at each sequence's last token (Needs.sequence_scores)
 
     def with_pair_weights(self, pair_weights: torch.Tensor) -> ForwardOutputs:
         return replace(self, pair_weights=pair_weights)

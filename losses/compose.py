@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tunelab.data.contract import ForwardOutputs, Needs
+from tunelab.data.contract import ForwardOutputs
 from tunelab.losses.base import Metric
 from tunelab.losses.registry import LOSSES, PAIR_WEIGHTINGS, lookup
 
@@ -31,8 +31,8 @@ class LossSet:
             raise ValueError(f"the recipe's `loss` block is empty; name at least one of: {', '.join(sorted(LOSSES))}")
         self.terms = terms
         self.pair_weighting = pair_weighting
-        needs = Needs()
-        for _, _, loss in terms:
+        needs = terms[0][2].needs  # not Needs(): its defaults (token_logps) would outvote a term that declines them
+        for _, _, loss in terms[1:]:
             needs = needs | loss.needs
         if pair_weighting is not None:
             if not needs.pairs:

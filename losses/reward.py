@@ -1,11 +1,21 @@
-"""Bradley-Terry reward-model loss on (chosen, rejected) scalar rewards, with optional margin and centering."""
+"""Bradley-Terry reward-model loss on (chosen, rejected) scalar rewards, with optional margin and centering.
+
+The ``reward`` loss trains a reward model with tunelab's core: it declares ``Needs(sequence_scores=True,
+token_logps=False)``, so the model is built as a sequence classifier (the causal LM's body and a one-output linear
+``score`` head), the forward reads the head at each response's last token (transformers' rule: the rightmost
+token that is not pad) in any layout, packed or shared-prompt, and computes no LM-head logits. The export is an
+``AutoModelForSequenceClassification`` that scores a prompt + response exactly as training did. Formula and
+sources: docs/evaluation.md (reward models).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.losses.base import Metric, mean_metric
+from tunelab.data.contract import ForwardOutputs, Needs
+from tunelab.losses.base import Metric, PairwiseLoss, mean_metric
+from tunelab.losses.registry import register_loss
 
 
 def bradley_terry_pair_losses(
@@ -35,3 +45,28 @@ def bradley_terry_pair_losses(
         "rewards/margins": mean_metric(difference),
     }
     return losses, metrics
+
+
+@register_loss("reward")
+class RewardLoss(PairwiseLoss):
+    """Bradley-Terry reward model on the score head, -log sigmoid(r_chosen - r_rejected [- margin]) per pair.
+
+    Options:
+    - ``center_rewards_coefficient``: c of the centering term c * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023;
+      TRL's RewardConfig, which suggests 0.01); 0 = none, TRL's default.
+    - ``margin_column``: a per-example column holding Llama 2's rating margin (Touvron et al. 2023, eq. 2),
+      subtracted inside the sigmoid; null = no margin. A data stage or the source must provide the column.
+    """
+
+    def __init__(self, center_rewards_coefficient: float = 0.0, margin_column: str | None = None):
+        self.center = float(center_rewards_coefficient)
+        if self.center < 0:
+            raise ValueError(f"reward center_rewards_coefficient must be >= 0, got {self.center}")
+        self.margin_column = margin_column
+        self.needs = Needs(pairs=True, sequence_scores=True, token_logps=False,
+                           columns=frozenset({margin_column}) if margin_column else frozenset())
+
+    def pair_losses(self, out: ForwardOutputs) -> tuple[torch.Tensor, dict[str, Metric]]:
+        scores = out.seq_scores
+        margin = out.seq_columns[self.margin_column][out.chosen] if self.margin_column else None
+        return bradley_terry_pair_losses(scores[out.chosen], scores[out.rejected], margin, self.center)

@@ -1,4 +1,7 @@
-"""The Bradley-Terry reward loss against hand-computed values and TRL 1.16's RewardTrainer.compute_loss."""
+"""Reward models: the Bradley-Terry loss against hand-computed values and TRL 1.16's RewardTrainer.compute_loss; the
+score head read at each response's last token in every layout, equal to transformers' sequence classifier; a
+reward model trained by the Trainer learns the bundled preferences and exports as a sequence classifier that scores
+exactly as in training (full and LoRA)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import make_cfg, read_metrics
+from transformers import AutoModelForSequenceClassification
 
+from tunelab.data.collate import Collator
+from tunelab.data.contract import ForwardOutputs, Needs
+from tunelab.data.pipeline import build_datasets
+from tunelab.losses import build_loss
 from tunelab.losses.reward import bradley_terry_pair_losses
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.trainer import Trainer
 
 trl = pytest.importorskip("trl")
 
@@ -79,3 +92,91 @@ def test_parity_with_trl_reward_trainer(margin, center):
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"two \[P\] tensors"):
         bradley_terry_pair_losses(CHOSEN, REJECTED[:2])
+
+
+# ---- the score head as a forward kind ------------------------------------------------------------------------------
+SCORES = Needs(pairs=True, sequence_scores=True, token_logps=False)
+RESPONSES = ("chosen_ids", "rejected_ids")  # the collator's sequence order within a pair
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def classifier_and_pairs():
+    cfg = make_cfg(["recipe=reward"])
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, cfg.seed, sequence_scores=True).eval()
+    train, _, _ = build_datasets(cfg.data, tokenizer, "pairs", cfg.seed)
+    return model, tokenizer, [train[i] for i in range(6)]
+
+
+def direct_score(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+
+@pytest.mark.parametrize("packing, shared_prompt", [(True, True), (False, False), (True, False)])
+def test_scores_are_transformers_classifier_scores_of_prompt_and_response(packing, shared_prompt):
+    model, tokenizer, examples = classifier_and_pairs()
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    collator = Collator("pairs", packing=packing, shared_prompt=shared_prompt, row_length=512)
+    with torch.no_grad():
+        out = CausalLMWithLogProbs(model)(collator(examples), SCORES)
+    want = [direct_score(model, ex["prompt_ids"] + ex[key]) for ex in examples for key in RESPONSES]
+    assert out.seq_scores.tolist() == pytest.approx(want, abs=1e-5)
+    assert len(set(round(v, 4) for v in want)) == len(want)  # distinct: a wrong token would not match by chance
+    assert not out.token_logps.any()  # no LM-head work for a loss that declined token log-probs
+
+
+def test_a_response_ending_in_the_pad_token_is_scored_where_transformers_scores_it():
+    """transformers scores the rightmost token that is not pad; with pad = EOS (SmolLM2) that is the token before."""
+    model, tokenizer, examples = classifier_and_pairs()
+    pad = tokenizer.pad_token_id
+    ex = dict(examples[0], chosen_ids=examples[0]["chosen_ids"] + [pad])
+    with torch.no_grad():
+        out = CausalLMWithLogProbs(model)(Collator("pairs", True, True, 512)([ex]), SCORES)
+    assert float(out.seq_scores[0]) == pytest.approx(direct_score(model, ex["prompt_ids"] + ex["chosen_ids"]), abs=1e-5)
+    assert float(out.seq_scores[0]) == pytest.approx(
+        direct_score(model, ex["prompt_ids"] + examples[0]["chosen_ids"]), abs=1e-5)
+
+
+def test_reward_loss_reads_scores_and_an_optional_margin_column():
+    out = ForwardOutputs(
+        token_logps=torch.zeros(4), token_seq=torch.tensor([0, 1, 2, 3]), token_pos=torch.zeros(4, dtype=torch.long),
+        token_targets=torch.zeros(4, dtype=torch.long), seq_logps=torch.zeros(4), seq_tokens=torch.ones(4),
+        seq_role=torch.tensor([1, 2, 1, 2]), chosen=torch.tensor([0, 2]), rejected=torch.tensor([1, 3]),
+        seq_scores=torch.tensor([1.0, 0.0, 0.0, 0.5]), seq_columns={"gap": torch.tensor([0.5, 0.5, 0.0, 0.0])},
+    )
+    loss_set = build_loss({"reward": {"margin_column": "gap", "center_rewards_coefficient": 0.1}})
+    assert loss_set.needs.sequence_scores and not loss_set.needs.token_logps and loss_set.needs.columns == {"gap"}
+    sums, _ = loss_set(out)
+    # pair 1: d = 1, margin 0.5, centre 0.1 * 1^2; pair 2: d = -0.5, no margin, centre 0.1 * 0.5^2
+    assert float(sums["pairs"]) == pytest.approx(softplus(-0.5) + 0.1 + softplus(0.5) + 0.025, abs=1e-6)
+    with_ntp = build_loss({"reward": {}, "ntp": {}}).needs
+    assert with_ntp.token_logps and with_ntp.sequence_scores  # a term that needs log-probs still gets them
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_reward_model_learns_and_its_export_scores_as_in_training(tmp_path, lora):
+    run = tmp_path / "rm"
+    cfg = make_cfg(["recipe=reward", f"output_dir={run}", "train.max_steps=60", "train.eval_every=0",
+                    f"model.lora.enabled={str(lora).lower()}", *(["train.lr=1e-2"] if lora else [])])
+    trainer = Trainer(cfg, recipe_name="reward")
+    summary = trainer.fit()
+    evals = read_metrics(str(run), split="eval")
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05, evals  # from ~log 2 at the random score head
+    if not lora:  # the random-init tiny body is only fitted by full training
+        assert evals[0]["rewards/accuracies"] < 0.6 < evals[-1]["rewards/accuracies"], evals
+    assert summary["export"] == str(run / "export")
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
+    examples = [trainer.eval_ds[i] for i in range(4)]
+    policy = trainer.accelerator.unwrap_model(trainer.policy).eval()
+    with torch.no_grad():
+        trained = policy(trainer.collator(examples), SCORES).seq_scores
+    want = [direct_score(exported, ex["prompt_ids"] + ex[key]) for ex in examples for key in RESPONSES]
+    assert trained.tolist() == pytest.approx(want, abs=1e-5)

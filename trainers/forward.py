@@ -275,6 +275,23 @@ class CausalLMWithLogProbs(nn.Module):
         self.keep_bytes = keep_bytes
         self.attention_tile = attention_tile
 
+    def sequence_scores(self, flat_hidden: torch.Tensor, batch: Batch, n_seq: int) -> torch.Tensor:
+        """[S] float32: the score head on the hidden state of each sequence's last token that is not the pad token,
+        which sits one position after that token's predictor (in every layout: a branch's tokens are contiguous in
+        its row). Skipping pad tokens is transformers' sequence-classification rule (the rightmost non-pad token),
+        so the exported model scores a prompt + response exactly as training did, also where pad is EOS."""
+        pad = self.model.config.pad_token_id
+        keep = batch.target_ids != pad if pad is not None else torch.ones_like(batch.target_ids, dtype=torch.bool)
+        last_predictor = batch.target_index.new_full((n_seq,), -1).scatter_reduce(
+            0, batch.target_seq[keep], batch.target_index[keep], reduce="amax")
+        if bool((last_predictor < 0).any()):
+            raise ValueError("a response made only of pad tokens has no token to score")
+        head = getattr(self.model, "score", None)
+        if head is None:
+            raise TypeError(f"{type(self.model).__name__} has no `score` head: a loss that needs sequence scores "
+                            "trains a model built as a sequence classifier (trainers/models.py)")
+        return head(flat_hidden.index_select(0, last_predictor + 1)).squeeze(-1).float()
+
     def forward(self, batch: Batch, needs: Needs) -> ForwardOutputs:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
@@ -288,13 +305,17 @@ class CausalLMWithLogProbs(nn.Module):
             use_cache=False,
             **({"attention_tiles": query_tiles(mask, self.attention_tile)} if tiled else {}),
         ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        hidden = flat.index_select(0, batch.target_index)
         targets = batch.target_ids
-        token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats),
-                                          keep_bytes=self.keep_bytes)
         seq_role = batch.seq_role
         n_seq = seq_role.shape[0]
         token_seq = batch.target_seq
+        if needs.token_logps:
+            token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats),
+                                              keep_bytes=self.keep_bytes)
+        else:  # a loss on scores alone: no LM-head logits
+            token_logps, stats = flat.new_zeros(targets.shape[0], dtype=torch.float32), {}
         seq_logps = token_logps.new_zeros(n_seq).index_add(0, token_seq, token_logps)
         seq_tokens = token_logps.new_zeros(n_seq).index_add_(0, token_seq, torch.ones_like(token_logps.detach()))
         out = ForwardOutputs(
@@ -311,6 +332,8 @@ class CausalLMWithLogProbs(nn.Module):
             token_stats=stats,
             seq_columns=batch.seq_columns,
         )
+        if needs.sequence_scores:
+            out.seq_scores = self.sequence_scores(flat, batch, n_seq)
         if needs.hidden_states:
             out.hidden = hidden
             out.score_hidden = lambda h, y: target_logps(head, h, y, self.chunk_size, keep_bytes=self.keep_bytes)[0]

@@ -15,10 +15,12 @@ import os
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
 )
 
@@ -116,7 +118,10 @@ def hf_base_reference(model_cfg) -> str | None:
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
-def build_model(model_cfg, tokenizer, seed: int):
+def build_model(model_cfg, tokenizer, seed: int, sequence_scores: bool = False):
+    """The model a run trains: a causal LM, or with ``sequence_scores`` (a loss's ``Needs.sequence_scores``) the same
+    body with a one-output linear ``score`` head instead of the LM head, a sequence classifier as transformers
+    builds it (the head randomly initialised, as TRL's reward models are), which ``from_pretrained`` reloads."""
     dtype = DTYPES[model_cfg.dtype]
     attn = model_cfg.attn_implementation
     if attn not in LAYOUT_ATTENTION:
@@ -133,8 +138,9 @@ def build_model(model_cfg, tokenizer, seed: int):
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, attn_implementation=attn,
         )
+        config.num_labels = 1
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(dtype)
+        model = (LlamaForSequenceClassification if sequence_scores else LlamaForCausalLM)(config).to(dtype)
     else:
         path, kwargs = _location(model_cfg)
         if model_cfg.source == "gguf":
@@ -149,23 +155,29 @@ def build_model(model_cfg, tokenizer, seed: int):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True,
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+        if sequence_scores:
+            kwargs["num_labels"] = 1
+            torch.manual_seed(seed)  # the new score head's initialisation
+        auto = AutoModelForSequenceClassification if sequence_scores else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+    if sequence_scores:  # it scores the rightmost token that is not pad (trainers/forward.py does the same)
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.lora.enabled:
-        model = _add_lora(model, model_cfg)
+        model = _add_lora(model, model_cfg, "SEQ_CLS" if sequence_scores else "CAUSAL_LM")
     return model
 
 
-def _add_lora(model, model_cfg):
+def _add_lora(model, model_cfg, task_type: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lora = model_cfg.lora
     if model_cfg.get("load_in_4bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
         target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
     )
     model = get_peft_model(model, config)

@@ -162,7 +162,8 @@ class Trainer:
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
             columns=sorted(self.needs.columns),
         )
-        model = self.precision.prepare_model(build_model(cfg.model, self.tokenizer, cfg.seed))
+        model = self.precision.prepare_model(
+            build_model(cfg.model, self.tokenizer, cfg.seed, sequence_scores=self.needs.sequence_scores))
         self.reference = None
         if self.needs.reference:
             rebuild = lambda: build_model(cfg.model, self.tokenizer, cfg.seed)  # noqa: E731 (ZeRO-3 frozen copy)
