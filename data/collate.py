@@ -12,6 +12,11 @@ log-probs they would get in two separate sequences while the prompt is computed 
 each response is predicted from the last prompt token, so that position carries two targets: targets are a
 sparse list, never a dense [rows, length] label tensor, and logits are computed for them alone.
 
+Unpaired examples (``unpaired``: ``prompt_ids``, ``completion_ids``, ``label``, ``mismatched_ids``) use the same
+branched document, ``prompt | completion | mismatched completion``: the completion's role is desirable or
+undesirable by its label, the second branch is a mismatched sequence (another example's completion on this prompt,
+chosen by data/unpaired.py), so both are scored exactly as two separate sequences with the prompt computed once.
+
 Because targets only ever point inside their own document, no document's first token has a label.
 """
 
@@ -23,12 +28,17 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.data.contract import (
+    NLL_ROLES,
     ROLE_CHOSEN,
+    ROLE_DESIRABLE,
+    ROLE_MISMATCHED,
     ROLE_REJECTED,
     ROLE_SFT,
+    ROLE_UNDESIRABLE,
     UNIT_PAIRS,
     UNIT_SEQUENCES,
     UNIT_TARGET_TOKENS,
+    UNIT_UNPAIRED,
     Batch,
 )
 
@@ -66,19 +76,19 @@ def sft_document(example: dict, seq: int) -> Document:
     return doc
 
 
-def pair_documents(example: dict, chosen_seq: int, rejected_seq: int, shared_prompt: bool) -> list[Document]:
-    prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+def branch_documents(prompt: list[int], responses: list[tuple[list[int], int]], shared_prompt: bool) -> list[Document]:
+    """Documents for responses ``(tokens, sequence)`` to one prompt: one document with a branch per response when
+    ``shared_prompt``, else one document per response."""
     p = len(prompt)
     if shared_prompt:
         doc = Document()
         doc.extend(prompt, 0, 0)
-        start = doc.extend(chosen, 1, p)
-        doc.add_targets(p - 1, start, chosen, chosen_seq)
-        start = doc.extend(rejected, 2, p)
-        doc.add_targets(p - 1, start, rejected, rejected_seq)
+        for branch, (response, seq) in enumerate(responses, start=1):
+            start = doc.extend(response, branch, p)
+            doc.add_targets(p - 1, start, response, seq)
         return [doc]
     docs = []
-    for response, seq in ((chosen, chosen_seq), (rejected, rejected_seq)):
+    for response, seq in responses:
         doc = Document()
         doc.extend(prompt, 0, 0)
         start = doc.extend(response, 0, p)
@@ -105,6 +115,19 @@ def pack_rows(lengths: list[int], row_length: int, packing: bool) -> list[list[i
     return rows
 
 
+def pair_documents(example: dict, chosen_seq: int, rejected_seq: int, shared_prompt: bool) -> list[Document]:
+    return branch_documents(example["prompt_ids"], [(example["chosen_ids"], chosen_seq),
+                                                    (example["rejected_ids"], rejected_seq)], shared_prompt)
+
+
+def unpaired_documents(example: dict, completion_seq: int, mismatched_seq: int, shared_prompt: bool) -> list[Document]:
+    if "mismatched_ids" not in example:
+        raise ValueError("an unpaired example has no mismatched_ids: data/unpaired.with_mismatched_completions adds "
+                         "them when the data pipeline builds unpaired examples")
+    return branch_documents(example["prompt_ids"], [(example["completion_ids"], completion_seq),
+                                                    (example["mismatched_ids"], mismatched_seq)], shared_prompt)
+
+
 class Collator:
     def __init__(self, kind: str, packing: bool, shared_prompt: bool, row_length: int, columns=()):
         self.kind = kind
@@ -119,6 +142,10 @@ class Collator:
             for i, ex in enumerate(examples):
                 docs.append(sft_document(ex, i))
                 roles.append(ROLE_SFT)
+        elif self.kind == "unpaired":
+            for i, ex in enumerate(examples):
+                docs += unpaired_documents(ex, 2 * i, 2 * i + 1, self.shared_prompt)
+                roles += [ROLE_DESIRABLE if ex["label"] else ROLE_UNDESIRABLE, ROLE_MISMATCHED]
         else:
             for i, ex in enumerate(examples):
                 docs += pair_documents(ex, 2 * i, 2 * i + 1, self.shared_prompt)
@@ -149,7 +176,8 @@ class Collator:
                 offset += n
         target = torch.tensor(targets, dtype=torch.long).reshape(-1, 4)
         seq_role = torch.tensor(roles, dtype=torch.long)
-        counted = (seq_role[target[:, 2]] != ROLE_REJECTED)
+        nll_roles = torch.isin(seq_role, torch.tensor(NLL_ROLES))
+        counted = nll_roles[target[:, 2]]
         ref_seq_logps = None
         if "ref_logps" in examples[0]:  # precomputed reference (trainers/reference.py)
             ref_seq_logps = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
@@ -167,8 +195,9 @@ class Collator:
             rejected=torch.nonzero(seq_role == ROLE_REJECTED).flatten(),
             counts={
                 UNIT_TARGET_TOKENS: int(counted.sum()),
-                UNIT_SEQUENCES: int((seq_role != ROLE_REJECTED).sum()),
+                UNIT_SEQUENCES: int(nll_roles.sum()),
                 UNIT_PAIRS: int((seq_role == ROLE_CHOSEN).sum()),
+                UNIT_UNPAIRED: int(((seq_role == ROLE_DESIRABLE) | (seq_role == ROLE_UNDESIRABLE)).sum()),
             },
             num_tokens=int((doc_ids >= 0).sum()),
             seq_columns={name: sequence_column(examples, name, 1 if self.kind == "sft" else 2)

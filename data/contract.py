@@ -16,13 +16,18 @@ import torch
 
 # Role of each sequence in a batch.
 ROLE_SFT, ROLE_CHOSEN, ROLE_REJECTED = 0, 1, 2
+# The unpaired layout (Needs.unpaired): one completion per example, labelled desirable or undesirable, and a second
+# branch on the same prompt holding another example's completion (a mismatched sequence, for a baseline estimate
+# such as KTO's reference point; no loss trains on it as a response to its prompt).
+ROLE_DESIRABLE, ROLE_UNDESIRABLE, ROLE_MISMATCHED = 3, 4, 5
+NLL_ROLES = (ROLE_SFT, ROLE_CHOSEN, ROLE_DESIRABLE)  # sequences an NLL term may train on
 
 # Units a loss or metric can be averaged over; the collator counts each of them per micro-batch.
-UNIT_TARGET_TOKENS = "target_tokens"  # labelled tokens of SFT and chosen sequences (what NLL averages over)
-UNIT_SEQUENCES = "sequences"  # SFT and chosen sequences
+UNIT_TARGET_TOKENS = "target_tokens"  # labelled tokens of NLL_ROLES sequences (what NLL averages over)
+UNIT_SEQUENCES = "sequences"  # NLL_ROLES sequences
 UNIT_PAIRS = "pairs"
-UNITS = (UNIT_TARGET_TOKENS, UNIT_SEQUENCES, UNIT_PAIRS)
-
+UNIT_UNPAIRED = "unpaired"  # desirable and undesirable completions
+UNITS = (UNIT_TARGET_TOKENS, UNIT_SEQUENCES, UNIT_PAIRS, UNIT_UNPAIRED)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Needs:
     """What a loss requires from the data and the forward pass."""
 
     pairs: bool = False  # batches of (chosen, rejected) pairs instead of single sequences
+    unpaired: bool = False  # labelled single completions, each with a mismatched completion of its prompt
     reference: bool = False  # per-sequence log-probs under a frozen reference model
     token_stats: frozenset[str] = frozenset()  # names in TOKEN_STATISTICS
     hidden_states: bool = False  # final hidden states at labelled positions, and the head to score them
@@ -83,6 +89,7 @@ class Needs:
     def __or__(self, other: Needs) -> Needs:
         return Needs(
             pairs=self.pairs or other.pairs,
+            unpaired=self.unpaired or other.unpaired,
             reference=self.reference or other.reference,
             token_stats=self.token_stats | other.token_stats,
             hidden_states=self.hidden_states or other.hidden_states,
@@ -90,6 +97,14 @@ class Needs:
             sequence_scores=self.sequence_scores or other.sequence_scores,
             token_logps=self.token_logps or other.token_logps,
         )
+
+    @property
+    def layout(self) -> str:
+        """The data layout these needs ask for: 'pairs', 'unpaired' or 'sft' (the collator's and pipeline's kind)."""
+        if self.pairs and self.unpaired:
+            raise ValueError("the recipe's loss terms need both preference pairs and unpaired completions; a batch "
+                             "holds one layout, so combine only losses of one kind")
+        return "pairs" if self.pairs else "unpaired" if self.unpaired else "sft"
 
 
 @dataclass(frozen=True)
@@ -168,6 +183,5 @@ class ForwardOutputs:
 
     @property
     def nll_mask(self) -> torch.Tensor:
-        """[N] tokens an NLL term trains on: SFT sequences and chosen responses."""
-        role = self.seq_role[self.token_seq]
-        return (role == ROLE_SFT) | (role == ROLE_CHOSEN)
+        """[N] tokens an NLL term trains on: SFT sequences, chosen and desirable responses (NLL_ROLES)."""
+        return torch.isin(self.seq_role[self.token_seq], torch.tensor(NLL_ROLES, device=self.seq_role.device))

@@ -11,6 +11,10 @@ Pair formats: pairwise_strings (prompt/chosen/rejected strings), pairwise_messag
 HuggingFaceH4/ultrafeedback_binarized schema: ``chosen``/``rejected`` are full conversations sharing the
 prompt turns; an optional ``prompt`` string is ignored in favour of the shared turns), hh_rlhf (Anthropic's
 ``chosen``/``rejected`` transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...").
+Unpaired formats (TRL's unpaired preference schema, e.g. trl-lib/kto-mix-14k): a ``prompt``, one ``completion`` and
+a boolean ``label`` (true = desirable): unpaired_strings (prompt and completion strings), unpaired_messages (prompt
+a list of turns, completion a list holding the one assistant turn). A loss that trains on unpaired data also reads
+the pair formats, each pair giving two rows (chosen -> label true, rejected -> label false; ``unpaired_rows``).
 ``detect_format`` picks the one format a source's columns fit (``format: auto``). docs/data_formats.md has an
 example row of each.
 """
@@ -190,8 +194,47 @@ def hh_rlhf(row: dict) -> tuple[list[dict], dict, dict]:
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
+def _label(row: dict) -> bool:
+    if "label" not in row or row["label"] is None:
+        raise RowError("missing field 'label' (true = desirable completion, false = undesirable)", MISSING_FIELD)
+    if not isinstance(row["label"], bool):
+        raise RowError(f"field 'label' must be a boolean (true = desirable), got {type(row['label']).__name__} "
+                       f"{row['label']!r}", WRONG_TYPE)
+    return row["label"]
+
+
+def unpaired_strings(row: dict) -> tuple[list[dict], dict, bool]:
+    prompt = [{"role": "user", "content": _text(row, "prompt")}]
+    return prompt, {"role": "assistant", "content": _text(row, "completion")}, _label(row)
+
+
+def unpaired_messages(row: dict) -> tuple[list[dict], dict, bool]:
+    prompt = _turns(row.get("prompt"), "prompt")
+    completion = _turns(row.get("completion"), "completion")
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise RowError("field 'completion' must hold exactly one assistant turn", CONVERSATION_SHAPE)
+    if not any(t["role"] == "user" for t in prompt):
+        raise RowError("the prompt turns have no user turn: nothing asks for the completion", CONVERSATION_SHAPE)
+    if not completion[0]["content"].strip():
+        raise RowError("the completion is empty", EMPTY_TEXT)
+    return prompt, completion[0], _label(row)
+
+
+def unpaired_rows(row: dict, fmt: str) -> list[tuple[list[dict], dict, bool]]:
+    """``(prompt turns, completion turn, desirable)`` for each unpaired example a row of format ``fmt`` gives: one for
+    an unpaired format, two for a pair format (its chosen response desirable, its rejected one not)."""
+    if fmt in UNPAIRED_FORMATS:
+        return [UNPAIRED_FORMATS[fmt](row)]
+    if fmt in PAIR_FORMATS:
+        prompt, chosen, rejected = PAIR_FORMATS[fmt](row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    raise KeyError(f"unknown data format {fmt!r} for unpaired data; valid: "
+                   f"{', '.join([*UNPAIRED_FORMATS, *PAIR_FORMATS])}")
+
+
 SFT_FORMATS = {"alpaca": alpaca, "messages": messages, "prompt_completion": prompt_completion, "sharegpt": sharegpt}
 PAIR_FORMATS = {"pairwise_strings": pairwise_strings, "pairwise_messages": pairwise_messages, "hh_rlhf": hh_rlhf}
+UNPAIRED_FORMATS = {"unpaired_strings": unpaired_strings, "unpaired_messages": unpaired_messages}
 
 
 
@@ -205,6 +248,8 @@ FORMAT_FIELDS = {
     "pairwise_strings": {"prompt": "string", "chosen": "string", "rejected": "string"},
     "pairwise_messages": {"chosen": "turns", "rejected": "turns"},
     "hh_rlhf": {"chosen": "string", "rejected": "string"},
+    "unpaired_strings": {"prompt": "string", "completion": "string", "label": "bool"},
+    "unpaired_messages": {"prompt": "turns", "completion": "turns", "label": "bool"},
 }
 OPTIONAL_FIELDS = ("system", "tools")  # sharegpt's per-row system prompt and tool definitions
 
@@ -214,13 +259,14 @@ def _describe(name: str) -> str:
 
 
 def detect_format(column_kinds: dict[str, str | None], first_row: dict, kind: str) -> tuple[str, str]:
-    """(format, why) for a source whose columns have these kinds ("string", "turns" or None for anything else).
+    """(format, why) for a source whose columns have these kinds ("string", "turns", "bool" or None for anything else).
 
-    Exactly one of the formats for ``kind`` ('sft' or 'pairs') must fit, else a RowError lists the candidates:
+    Exactly one of the formats for ``kind`` ('sft', 'pairs' or 'unpaired', which also reads pairs) must fit, else a
+    RowError lists the candidates:
     a guess between two readings of the same columns could train on the wrong fields. Transcript strings
     (hh_rlhf) and plain response strings share column kinds, so the first row's ``chosen`` tells them apart.
     """
-    table = PAIR_FORMATS if kind == "pairs" else SFT_FORMATS
+    table = {"pairs": PAIR_FORMATS, "unpaired": {**UNPAIRED_FORMATS, **PAIR_FORMATS}}.get(kind, SFT_FORMATS)
     fits = [name for name in table
             if all(column_kinds.get(col) == want for col, want in FORMAT_FIELDS[name].items())]
     if "hh_rlhf" in fits and not _SPEAKER.match(str(first_row.get("chosen") or "")):

@@ -27,6 +27,7 @@ from tunelab.data.sources import expand_short_form, load_rows
 from tunelab.data.stages import stages_at
 from tunelab.data.templates import build_template, formatting_options
 from tunelab.data.tokenize import tokenize_row, validate_data_config
+from tunelab.data.unpaired import unpaired_examples
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def weighted_split(
 def _column_kind(arrow_type) -> str | None:
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return "string"
+    if pa.types.is_boolean(arrow_type):
+        return "bool"
     if (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) and pa.types.is_struct(
             arrow_type.value_type):
         return "turns"
@@ -140,7 +143,7 @@ def _drop_identical_pairs(ds, spec, data_cfg, counts: DataCounts, split: str):
 
 def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: DataCounts, split: str):
     fmt = spec.format
-    if kind == "pairs":
+    if kind in ("pairs", "unpaired"):
         ds = _drop_identical_pairs(ds, spec, data_cfg, counts, split)
     columns = [c for c in ds.column_names if c not in ("_source", "_row")]
     ds = ds.map(
@@ -191,7 +194,8 @@ def _count_unreadable(lines, split: str, counts: DataCounts) -> None:
 
 
 def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
-    """Returns (train, eval or None, counts). ``kind`` is 'sft' or 'pairs' (what the loss needs)."""
+    """Returns (train, eval or None, counts). ``kind`` is 'sft', 'pairs' or 'unpaired' (what the loss needs;
+    unpaired examples come from data/unpaired.py, each with its mismatched completion)."""
     expand_short_form(data_cfg)
     validate_data_config(data_cfg, kind)
     if data_cfg.on_error not in ("raise", "skip"):
@@ -216,6 +220,9 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
             eval_parts.append(_tokenize(eval_rows, spec, kind, template, tokenizer, data_cfg, counts, "eval"))
     train = datasets.concatenate_datasets(train_parts)
     evaluation = datasets.concatenate_datasets(eval_parts) if eval_parts else None
+    if kind == "unpaired":
+        train = unpaired_examples(train, seed, data_cfg.max_length)
+        evaluation = unpaired_examples(evaluation, seed, data_cfg.max_length, split="eval")
     for stage, options in stages_at("examples", data_cfg.get("stages")):
         train = stage(train, split="train", seed=seed, **options)
         evaluation = stage(evaluation, split="eval", seed=seed, **options) if evaluation is not None else None

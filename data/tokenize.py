@@ -23,7 +23,14 @@ with ``data.on_error=skip`` are dropped and counted in the log.
 
 from __future__ import annotations
 
-from tunelab.data.formats import CONVERSATION_SHAPE, PAIR_FORMATS, PROMPT_TOO_LONG, SFT_FORMATS, RowError
+from tunelab.data.formats import (
+    CONVERSATION_SHAPE,
+    PAIR_FORMATS,
+    PROMPT_TOO_LONG,
+    SFT_FORMATS,
+    RowError,
+    unpaired_rows,
+)
 from tunelab.data.templates import encode_segments
 
 TRUNCATION_POLICIES = ("fixed_budget", "shared_budget", "drop")
@@ -36,7 +43,7 @@ def validate_data_config(data_cfg, kind: str) -> None:
     max_length = data_cfg.max_length
     if not isinstance(max_length, int) or max_length <= 0:
         raise ValueError(f"data.max_length must be a positive integer, got {max_length!r}")
-    if kind != "pairs":
+    if kind not in ("pairs", "unpaired"):
         return
     max_prompt_length = data_cfg.max_prompt_length
     if not isinstance(max_prompt_length, int) or max_prompt_length <= 0:
@@ -100,18 +107,45 @@ def pair_example(
     return {"prompt_ids": prompt, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "status": status}
 
 
+def unpaired_example(
+    row: dict, fmt: str, template, tokenizer, max_length: int, max_prompt_length: int, truncation: str
+) -> dict:
+    """The row's unpaired examples on one prompt, truncated as a pair is (data/tokenize.py's policies, the longest
+    completion deciding)."""
+    if fmt in PAIR_FORMATS:  # the pair's own tokenization and truncation, then chosen -> desirable, rejected -> not
+        pair = pair_example(row, fmt, template, tokenizer, max_length, max_prompt_length, truncation)
+        return {"prompt_ids": pair["prompt_ids"], "completions": [pair["chosen_ids"], pair["rejected_ids"]],
+                "labels": [True, False], "status": pair["status"]}
+    [(prompt_turns, completion, label)] = unpaired_rows(row, fmt)
+    prompt, completion_ids = _response_ids(template, tokenizer, prompt_turns, completion)
+    status = "ok"
+    if len(prompt) + len(completion_ids) > max_length:
+        if truncation == "drop":
+            return {"prompt_ids": [], "completions": [], "labels": [], "status": "too_long"}
+        status = "truncated"
+        prompt = prompt[-max_prompt_length:]
+        room = max_length - max_prompt_length if truncation == "fixed_budget" else max_length - len(prompt)
+        completion_ids = completion_ids[:room]
+    return {"prompt_ids": prompt, "completions": [completion_ids], "labels": [label], "status": status}
+
+
 def tokenize_row(row: dict, *, kind: str, fmt: str, template, tokenizer, data_cfg) -> dict:
     """One row of any source; bad rows come back with status 'error', the reason and its kind (for datasets.map)."""
     try:
         if kind == "sft":
             out = sft_example(row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.truncation)
+        elif kind == "unpaired":
+            out = unpaired_example(
+                row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation
+            )
         else:
             out = pair_example(
                 row, fmt, template, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation
             )
         out["error"], out["error_kind"] = "", ""
     except RowError as err:
-        empty = {"input_ids": [], "target_mask": []} if kind == "sft" else {
-            "prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        empty = {"sft": {"input_ids": [], "target_mask": []},
+                 "unpaired": {"prompt_ids": [], "completions": [], "labels": []}}.get(kind, {
+                     "prompt_ids": [], "chosen_ids": [], "rejected_ids": []})
         out = {**empty, "status": "error", "error": str(err), "error_kind": err.kind}
     return out

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from test_preference_data import write_jsonl
 
-from tunelab.data.formats import FORMAT_FIELDS, PAIR_FORMATS, SFT_FORMATS, detect_format
+from tunelab.data.formats import FORMAT_FIELDS, PAIR_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS, detect_format
 from tunelab.data.pipeline import build_datasets
 from tunelab.trainers.models import tiny_tokenizer
 
@@ -229,20 +229,20 @@ def doc_examples() -> dict[str, list[dict]]:
 
 
 def test_the_format_pages_field_table_is_the_code_s():
-    rows = [f"| `{name}` | {'SFT' if name in SFT_FORMATS else 'pairs'} | "
+    rows = [f"| `{name}` | {'SFT' if name in SFT_FORMATS else 'unpaired' if name in UNPAIRED_FORMATS else 'pairs'} | "
             + ", ".join(f"`{column}` ({kind})" for column, kind in fields.items()) + " |"
             for name, fields in FORMAT_FIELDS.items()]
     assert "| Format | Data | Fields |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n" in open(DOC).read()
-    assert set(FORMAT_FIELDS) == set(SFT_FORMATS) | set(PAIR_FORMATS)
+    assert set(FORMAT_FIELDS) == set(SFT_FORMATS) | set(PAIR_FORMATS) | set(UNPAIRED_FORMATS)
 
 
 def test_each_formats_example_row_on_the_page_is_read_by_it_and_detected_as_it():
     examples = doc_examples()
     assert sorted(examples) == sorted(FORMAT_FIELDS) and all(len(rows) == 1 for rows in examples.values())
     for name, [row] in examples.items():
-        kind = "sft" if name in SFT_FORMATS else "pairs"
-        (SFT_FORMATS | PAIR_FORMATS)[name](row)  # raises RowError if the example is not a valid row
-        column_kinds = {column: "string" if isinstance(value, str) else
+        kind = "sft" if name in SFT_FORMATS else "unpaired" if name in UNPAIRED_FORMATS else "pairs"
+        (SFT_FORMATS | PAIR_FORMATS | UNPAIRED_FORMATS)[name](row)  # raises RowError if the example is not a valid row
+        column_kinds = {column: "string" if isinstance(value, str) else "bool" if isinstance(value, bool) else
                         "turns" if isinstance(value, list) and all(isinstance(t, dict) for t in value) else None
                         for column, value in row.items()}
         assert detect_format(column_kinds, row, kind)[0] == name
