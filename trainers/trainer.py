@@ -140,7 +140,7 @@ class Trainer:
         train = cfg.train
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
         self.needs = self.loss_set.needs
-        self.kind = "pairs" if self.needs.pairs else "sft"
+        self.kind = self.needs.layout
         state = init_state()
         self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
         self.output_dir, self.resume_from = decide_on_main(
