@@ -291,3 +291,9 @@ def test_cli_generates_scores_and_builds_pairs_from_a_config_file(tiny, tmp_path
     config.write_text("num_samples: 3\nsampling_temperature: 1.0\n")
     with pytest.raises(SystemExit, match="unknown option"):
         generate_script.main(argv)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "recipes", "generate"))))
+def test_shipped_pipeline_configs_set_known_options(name):
+    args = generate_script.parse_args(["--config", os.path.join(ROOT, "recipes", "generate", name), "--out", "x"])
+    assert args.num_samples >= 2 and 0 < args.top_p <= 1 and args.temperature > 0 and args.reward_model
