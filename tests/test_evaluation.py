@@ -179,3 +179,40 @@ def test_model_against_itself_as_generating_baseline_ties_everywhere(models, tmp
     assert report["ties"] == len(PROMPTS)
     assert report["win_rate"] == 0.5 and report["lc_win_rate"] == pytest.approx(0.5, abs=1e-12)
     assert report["lc_win_rate_ci"] == pytest.approx([0.5, 0.5], abs=1e-12)
+
+
+def test_training_logs_greedy_samples_of_the_first_eval_prompts_at_each_evaluation(tmp_path):
+    """train.eval_samples=2, evaluations at steps 0, 2 and 4: six rows; the last ones are the trained model's own
+    greedy answers (the export, generating from the same prompt ids, reproduces them)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from conftest import make_cfg
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.trainers.evaluation import greedy_answers
+    from tunelab.trainers.trainer import Trainer, prompt_ids
+
+    run = tmp_path / "run"
+    cfg = make_cfg([f"output_dir={run}", "train.max_steps=4", "train.eval_every=2", "train.eval_samples=2",
+                    "train.eval_sample_tokens=8"])
+    try:
+        trainer = Trainer(cfg, recipe_name="samples")
+        trainer.fit()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2, 4, 4]
+    prompts = [prompt_ids(trainer.eval_ds[i]) for i in range(2)]
+    assert [r["prompt"] for r in rows[:2]] == [trainer.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    exported = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    assert [r["output"] for r in rows[4:]] == greedy_answers(exported, trainer.tokenizer, prompts, 8)
+    assert rows[0]["output"] != rows[4]["output"] or rows[1]["output"] != rows[5]["output"]  # training changed them
+
+
+def test_eval_samples_are_refused_for_a_reward_model(tmp_path):
+    from conftest import make_cfg
+
+    from tunelab.trainers.trainer import Trainer
+
+    with pytest.raises(ValueError, match="train.eval_samples: this run trains a score head"):
+        Trainer(make_cfg(["recipe=reward", f"output_dir={tmp_path}", "train.eval_samples=1"]), recipe_name="rm")

@@ -134,6 +134,9 @@ class TrainConfig:
     eval_every: int = option(50, "steps between evaluations; 0 = only before and after training")
     eval_at_start: bool = option(True, "evaluate before the first step (baseline; DPO's step-0 loss is log 2)")
     eval_batch_size: int = option(16, "examples per evaluation forward")
+    eval_samples: int = option(0, "greedy answers to the first N eval prompts generated at each evaluation and "
+                               "logged (samples.jsonl, TensorBoard text, wandb table); 0 = off")
+    eval_sample_tokens: int = option(64, "new tokens at most per eval sample")
     log_every: int = option(5, "steps between logged train metrics")
     save_every: int = option(100, "steps between checkpoints; the final state is always saved")
     keep_last: int = option(2, "checkpoints kept")

@@ -86,24 +86,28 @@ def _chat(tokenizer, prompt: str, response: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy answers (deterministic) to each prompt under the tokenizer's chat template, batched with left padding."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    ids = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    return greedy_answers(model, tokenizer, ids, max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 8,
+                   synced_gpus: bool = False) -> list[str]:
+    """Greedy answers to prompts given as token ids (chat template already applied), batched with left padding and
+    the KV cache. ``synced_gpus``: every rank runs the same generation, as ZeRO-3's gathered weights require."""
+    pad = tokenizer.pad_token_id
     answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [_chat(tokenizer, p) for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = [list(ids) for ids in prompt_ids[start:start + batch_size]]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=model.device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                             synced_gpus=synced_gpus)
+        answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     return answers
 
 

@@ -38,7 +38,8 @@ from tunelab.losses import build_loss
 from tunelab.losses.base import Metric
 from tunelab.trainers import checkpoint
 from tunelab.trainers.config_check import check_config, check_resume_compatible
-from tunelab.trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed
+from tunelab.trainers.distributed import build_accelerator, fill_model_keys, init_state, is_deepspeed, zero_stage
+from tunelab.trainers.evaluation import greedy_answers
 from tunelab.trainers.export import export_model
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.input_noise import InputNoise
@@ -95,6 +96,13 @@ def decide_on_main(state: PartialState, decide):
     return outcome[0]
 
 
+def prompt_ids(example: dict) -> list[int]:
+    """A tokenized example's prompt (chat template applied, up to the first labelled token of an SFT example)."""
+    if "prompt_ids" in example:
+        return list(example["prompt_ids"])
+    return list(example["input_ids"][:list(example["target_mask"]).index(1)])
+
+
 def new_run_dir(recipe_name: str) -> str:
     """A fresh runs/<recipe>/<time>_<random id>: creating it fails if it exists, so runs started in the same
     second (or given the same id) never share one."""
@@ -140,6 +148,9 @@ class Trainer:
         train = cfg.train
         self.loss_set = build_loss(cfg.loss, cfg.get("pair_weighting"))
         self.needs = self.loss_set.needs
+        if train.eval_samples and self.needs.sequence_scores:
+            raise ValueError("train.eval_samples: this run trains a score head (a reward model), which does not "
+                             "generate; set train.eval_samples=0")
         self.kind = self.needs.layout
         state = init_state()
         self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
@@ -326,6 +337,22 @@ class Trainer:
         self.policy.train()
         return {"loss": loss, **accum.reduce(acc)}
 
+    def _log_samples(self, tracker: RunTracker) -> None:
+        """Greedy answers to the first ``train.eval_samples`` eval prompts (train prompts without eval data), logged
+        at an evaluation. Every rank generates the same answers: under ZeRO-3 the weights are gathered collectively."""
+        count = self.cfg.train.eval_samples
+        data = self.eval_ds if self.eval_ds is not None else self.train_ds
+        if not count:
+            return
+        prompts = [prompt_ids(data[i]) for i in range(min(count, len(data)))]
+        model = self.accelerator.unwrap_model(self.policy).model
+        model.eval()
+        answers = greedy_answers(model, self.tokenizer, prompts, self.cfg.train.eval_sample_tokens,
+                                 synced_gpus=zero_stage(self.accelerator) == 3)
+        model.train()
+        tracker.log_samples(self.step, [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": a}
+                                        for p, a in zip(prompts, answers)])
+
     def _interrupted_message(self, signal_number: int, saved: str) -> str:
         name = signal.Signals(signal_number).name
         return (f"stopped by {name} after step {self.step}/{self.total_steps}: checkpoint {saved}. To continue, "
@@ -347,6 +374,8 @@ class Trainer:
         first_eval = self.evaluate() if self.step == 0 and cfg.train.eval_at_start else None
         if first_eval:
             tracker.log(0, "eval", first_eval)
+        if self.step == 0 and cfg.train.eval_at_start:
+            self._log_samples(tracker)
         interval, interval_losses = MetricAccumulator(), []
         last_eval, saved = first_eval, None
         with StopRequest().listening() as stop:
@@ -371,6 +400,7 @@ class Trainer:
                     last_eval = self.evaluate()
                     if last_eval:
                         tracker.log(self.step, "eval", last_eval)
+                    self._log_samples(tracker)
                 if self.step % cfg.train.save_every == 0 or last or signal_number:
                     self._refuse_nonfinite_weights(f"the step-{self.step} checkpoint")
                     saved = checkpoint.save(acc, self.output_dir, self.step,
