@@ -297,3 +297,29 @@ def test_cli_generates_scores_and_builds_pairs_from_a_config_file(tiny, tmp_path
 def test_shipped_pipeline_configs_set_known_options(name):
     args = generate_script.parse_args(["--config", os.path.join(ROOT, "recipes", "generate", name), "--out", "x"])
     assert args.num_samples >= 2 and 0 < args.top_p <= 1 and args.temperature > 0 and args.reward_model
+
+
+def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+    from conftest import make_cfg
+
+    from tunelab.trainers.trainer import Trainer
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "train.max_steps=2", "train.save_every=2", "train.eval_every=0",
+                 "train.eval_at_start=false", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+                 "train.lr=5e-2"]
+    try:
+        Trainer(make_cfg(overrides), recipe_name="sft").fit()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    settings = SamplingSettings(2, 1.0, 1.0, 8, 5)
+    outputs = {}
+    for name, spec in (("checkpoint", out / "checkpoints" / "step_0000002"), ("run", out),
+                       ("adapter", out / "export_adapter")):
+        model, tok = load_model(str(spec))
+        outputs[name] = TransformersBackend(model, tok).generate(list(enumerate(PROMPTS[:3])), settings)
+    assert outputs["checkpoint"] == outputs["run"] == outputs["adapter"]
+    base, tok = load_model(str(out / "export_base"))
+    assert TransformersBackend(base, tok).generate(list(enumerate(PROMPTS[:3])), settings) != outputs["run"]
