@@ -330,3 +330,17 @@ def test_kto_trains_with_the_same_losses_for_every_reference_and_layout(tmp_path
                                            "data.packing=false", "data.shared_prompt=false")]
     assert frozen == pytest.approx(losses, abs=1e-5)
     assert unpacked == pytest.approx(losses, abs=1e-5)
+
+
+def test_the_trl_example_recipe_carries_its_numbers():
+    cfg = make_cfg(["recipe=kto_qwen15_18b_kto_mix"], fast=False)
+    assert cfg.model.name_or_path == "trl-lib/qwen1.5-1.8b-sft" and cfg.train.mixed_precision == "bf16"
+    assert dict(cfg.loss.kto) == {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+    train = cfg.train
+    assert (train.lr, train.epochs, train.max_steps, train.global_batch_size, train.micro_batch_size) == (
+        5e-7, 1, None, 16, 16)
+    assert (train.scheduler, train.warmup_ratio) == ("cosine", 0.1)
+    [source] = cfg.data.sources
+    assert (source.path, source.format, source.split, source.eval_split) == (
+        "trl-lib/kto-mix-14k", "unpaired_messages", "train", "test")
+    assert cfg.data.max_length == 1024 and build_loss(cfg.loss).needs.layout == "unpaired"
