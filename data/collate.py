@@ -178,9 +178,11 @@ class Collator:
         seq_role = torch.tensor(roles, dtype=torch.long)
         nll_roles = torch.isin(seq_role, torch.tensor(NLL_ROLES))
         counted = nll_roles[target[:, 2]]
-        ref_seq_logps = None
+        ref_seq_logps = ref_seq_prefix_logps = None
         if "ref_logps" in examples[0]:  # precomputed reference (trainers/reference.py)
             ref_seq_logps = torch.tensor([v for ex in examples for v in ex["ref_logps"]])
+        if "ref_prefix_logps" in examples[0]:  # and of the pairs' common prefixes (Needs.reference_prefix)
+            ref_seq_prefix_logps = torch.tensor([v for ex in examples for v in ex["ref_prefix_logps"]])
         return Batch(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -203,6 +205,7 @@ class Collator:
             seq_columns={name: sequence_column(examples, name, 1 if self.kind == "sft" else 2)
                          for name in self.columns},
             ref_seq_logps=ref_seq_logps,
+            ref_seq_prefix_logps=ref_seq_prefix_logps,
         )
 
 

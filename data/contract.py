@@ -85,6 +85,9 @@ class Needs:
     # Per-token log-probs through the LM head. A loss on scores alone (a reward model) declares False, and the
     # forward then computes no LM-head logits at all.
     token_logps: bool = True
+    # The reference's log-probs of each pair's common-length prefix as well (``ForwardOutputs.ref_seq_prefix_logps``):
+    # losses that weigh the tokens past the shorter response differently (LD-DPO) need them for both models.
+    reference_prefix: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -96,6 +99,7 @@ class Needs:
             columns=self.columns | other.columns,
             sequence_scores=self.sequence_scores or other.sequence_scores,
             token_logps=self.token_logps or other.token_logps,
+            reference_prefix=self.reference_prefix or other.reference_prefix,
         )
 
     @property
@@ -128,9 +132,10 @@ class Batch:
     num_tokens: int  # non-padding positions
     seq_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float32, Needs.columns
     ref_seq_logps: torch.Tensor | None = None  # [S] reference sum log-probs (precomputed or a live reference)
+    ref_seq_prefix_logps: torch.Tensor | None = None  # [S] the same over each pair's common prefix (reference_prefix)
 
-    def with_reference(self, ref_seq_logps: torch.Tensor) -> Batch:
-        return replace(self, ref_seq_logps=ref_seq_logps)
+    def with_reference(self, ref_seq_logps: torch.Tensor, ref_seq_prefix_logps: torch.Tensor | None = None) -> Batch:
+        return replace(self, ref_seq_logps=ref_seq_logps, ref_seq_prefix_logps=ref_seq_prefix_logps)
 
     def with_input_ids(self, input_ids: torch.Tensor) -> Batch:
         return replace(self, input_ids=input_ids)
@@ -161,6 +166,7 @@ class ForwardOutputs:
     chosen: torch.Tensor  # [P] sequence index of each pair's chosen response
     rejected: torch.Tensor  # [P] sequence index of each pair's rejected response
     ref_seq_logps: torch.Tensor | None = None  # [S] reference sum log-probs
+    ref_seq_prefix_logps: torch.Tensor | None = None  # [S] reference log-probs of the common prefix (see below)
     token_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
     hidden: torch.Tensor | None = None  # [N, d] final hidden states that predict each target
     score_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h [M,d], y [M]) -> logp [M]
@@ -170,6 +176,17 @@ class ForwardOutputs:
 
     def with_pair_weights(self, pair_weights: torch.Tensor) -> ForwardOutputs:
         return replace(self, pair_weights=pair_weights)
+
+    @property
+    def seq_prefix_logps(self) -> torch.Tensor:
+        """[S] sum of token_logps over each sequence's first k response tokens, k the shorter length of its pair's two
+        responses (a sequence outside a pair: all its tokens). With gradient, like ``seq_logps``."""
+        common = self.seq_tokens.clone()
+        shorter = torch.minimum(self.seq_tokens[self.chosen], self.seq_tokens[self.rejected])
+        common[self.chosen], common[self.rejected] = shorter, shorter
+        inside = (self.token_pos < common[self.token_seq]).to(self.token_logps.dtype)
+        return self.token_logps.new_zeros(self.seq_tokens.shape[0]).index_add(0, self.token_seq,
+                                                                               self.token_logps * inside)
 
     @property
     def seq_avg_logps(self) -> torch.Tensor:

@@ -94,10 +94,13 @@ class PairwiseLoss(Loss):
 
 
 def preference_metrics(
-    out: ForwardOutputs, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, average_logps: bool
+    out: ForwardOutputs, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, average_logps: bool,
+    logps: torch.Tensor | None = None,
 ) -> dict[str, Metric]:
-    """The rewards/*, logps/* and logits/* metrics every preference loss logs (docs/methods_preference.md (dpo))."""
-    logps = out.seq_avg_logps if average_logps else out.seq_logps
+    """The rewards/*, logps/* and logits/* metrics every preference loss logs (docs/methods_preference.md (dpo));
+    ``logps`` [S] replaces the sums or averages where a loss reweights its log-probs (LD-DPO)."""
+    if logps is None:
+        logps = out.seq_avg_logps if average_logps else out.seq_logps
     metrics = {
         "rewards/chosen": mean_metric(chosen_rewards),
         "rewards/rejected": mean_metric(rejected_rewards),

@@ -193,12 +193,14 @@ class DPOLoss(PairwiseLoss):
     - ``f_alpha``: alpha of alpha_divergence; 0.5 is TRL's default.
     - ``discopop_tau``: DiscoPOP's temperature; the paper's 0.05.
     - ``bco_running_shift``: bco_pair only: subtract the running mean reward delta (the BCO paper); false = TRL 1.16.
+    - ``ld_alpha``: LD-DPO's weight of the tokens past the shorter response of a pair, in [0, 1]: every log-prob
+      (policy and reference) becomes prefix + ld_alpha * rest; null = off (plain sums), 1 = the same, 0 = prefix only.
     """
     needs = Needs(pairs=True, reference=True, token_stats=frozenset({STAT_LOGIT_MEAN}))
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05,
-                 bco_running_shift: bool = True):
+                 bco_running_shift: bool = True, ld_alpha: float | None = None):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
         if f_divergence not in F_DIVERGENCES:
@@ -212,16 +214,33 @@ class DPOLoss(PairwiseLoss):
         self.f_divergence, self.f_alpha = f_divergence, float(f_alpha)
         self.discopop_tau = check_beta(discopop_tau, "discopop_tau")
         self.stateful = loss_type == "bco_pair" and bool(bco_running_shift)
+        if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
+            raise ValueError(f"dpo ld_alpha must lie in [0, 1] (or be null), got {ld_alpha}")
+        self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
+        if self.ld_alpha is not None:  # the reference's common-prefix log-probs as well
+            self.needs = self.needs | Needs(reference_prefix=True)
         self.reward_shift, self.shift_steps = 0.0, 0  # BCO's delta and the applied steps averaged into it
 
-    def pair_terms(self, out: ForwardOutputs) -> PairTerms:
+    def sequence_logps(self, out: ForwardOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S] policy and reference log-probs: sums, or with ``ld_alpha`` LD-DPO's prefix + alpha * rest, which is
+        alpha * sum + (1 - alpha) * prefix."""
         ref = reference_logps(out)
-        ratios = out.seq_logps - ref  # [S] log pi - log ref, with gradient through log pi only
+        if self.ld_alpha is None:
+            return out.seq_logps, ref
+        if out.ref_seq_prefix_logps is None:
+            raise RuntimeError("ld_alpha needs the reference's common-prefix log-probs but the batch has none")
+        a = self.ld_alpha
+        return (a * out.seq_logps + (1.0 - a) * out.seq_prefix_logps,
+                a * ref + (1.0 - a) * out.ref_seq_prefix_logps.to(ref.dtype))
+
+    def pair_terms(self, out: ForwardOutputs) -> PairTerms:
+        logps, ref = self.sequence_logps(out)
+        ratios = logps - ref  # [S] log pi - log ref, with gradient through log pi only
         scores = f_divergence_scores(ratios, self.f_divergence, self.f_alpha)
         lengths = out.seq_tokens.clamp(min=1)
         w, l = out.chosen, out.rejected  # noqa: E741
         return PairTerms(ratios[w], ratios[l], scores[w], scores[l], lengths[w], lengths[l],
-                         out.seq_logps[w] - out.seq_logps[l], ref[w] - ref[l])
+                         logps[w] - logps[l], ref[w] - ref[l])
 
     def preference_losses(self, out: ForwardOutputs) -> tuple[torch.Tensor, dict[str, Metric]]:
         """The DPO-family loss of each pair and the rewards/logps/logits metrics."""
@@ -232,7 +251,8 @@ class DPOLoss(PairwiseLoss):
         losses = LOSS_TYPES[self.loss_type](terms, self)
         chosen_rewards = self.beta * terms.chosen_ratio.detach()
         rejected_rewards = self.beta * terms.rejected_ratio.detach()
-        metrics = preference_metrics(out, chosen_rewards, rejected_rewards, average_logps=False)
+        metrics = preference_metrics(out, chosen_rewards, rejected_rewards, average_logps=False,
+                                     logps=self.sequence_logps(out)[0].detach() if self.ld_alpha is not None else None)
         if self.stateful:
             metrics["reward_mean"] = mean_metric(torch.cat([chosen_rewards, rejected_rewards]))
             metrics["reward_shift"] = Metric(self.reward_shift)

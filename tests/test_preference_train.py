@@ -400,3 +400,16 @@ def test_bco_shift_is_checkpointed_and_a_resume_continues_it(tmp_path):
     without = short_run(tmp_path, "no_shift", *BCO, "+loss.dpo.bco_running_shift=false", steps=4)[1]
     assert "dpo/reward_shift" not in without[0] and without[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
     assert without[2]["loss"] != pytest.approx(straight[2]["loss"], abs=1e-5)  # the shift changes the objective
+
+
+# ---- LD-DPO: the reference's common-prefix log-probs through every strategy -------------------------------------
+def test_ld_dpo_precomputed_reference_gives_the_losses_of_a_live_frozen_copy(tmp_path):
+    ld = ["+loss.dpo.ld_alpha=0.3", "train.lr=1e-2", "train.warmup_ratio=0"]
+    precomputed = step_losses(tmp_path, "pre", *ld, "reference.strategy=precomputed")
+    frozen = step_losses(tmp_path, "frozen", *ld, "reference.strategy=frozen_copy")
+    plain = step_losses(tmp_path, "plain", "train.lr=1e-2", "train.warmup_ratio=0", "reference.strategy=frozen_copy")
+    assert precomputed[0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: any weighting gives log 2
+    assert precomputed == pytest.approx(frozen, abs=1e-5)
+    assert precomputed[-1] != pytest.approx(plain[-1], abs=1e-4)  # the weighting changes training
+    again = step_losses(tmp_path, "pre_again", *ld, "reference.strategy=precomputed")  # from the cache
+    assert again == pytest.approx(precomputed, abs=1e-6)

@@ -194,3 +194,51 @@ def test_wpo_weights_are_trl_weights_clamped_at_one(setup):
     assert weights.tolist() == pytest.approx(clamped, abs=1e-5)
     loss, _ = ours(setup, {"beta": 0.1}, {"name": "wpo", "alignment": "sampled"})
     assert loss == pytest.approx(sum(c * d for c, d in zip(clamped, unweighted_trainer_loss)) / len(examples), abs=1e-5)
+
+
+def naive_ld_logps(model, examples, alpha: float) -> list[tuple[float, float]]:
+    """LD-DPO's (chosen, rejected) log-probs from the full logits of each unpadded prompt + response: the sum over
+    the first min(|y_w|, |y_l|) response tokens plus alpha times the sum over the rest."""
+    values = []
+    for ex in examples:
+        shared = min(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+        pair = []
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = ex["prompt_ids"] + ex[key]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            p = len(ex["prompt_ids"])
+            tokens = logp[torch.arange(p - 1, len(ids) - 1), torch.tensor(ex[key])]
+            pair.append(float(tokens[:shared].sum() + alpha * tokens[shared:].sum()))
+        values.append(tuple(pair))
+    return values
+
+
+@pytest.mark.parametrize("loss_type, alpha", [("sigmoid", 0.5), ("sigmoid", 0.0), ("ipo", 0.3), ("hinge", 1.0)])
+def test_ld_dpo_matches_trl(setup, trl_trainer, loss_type, alpha):
+    """TRL splits the policy's log-probs itself; the reference's LD log-probs it is given are computed here from
+    full logits, independently of tunelab's common-prefix sums, which ours take from a live reference forward."""
+    cfg, tokenizer = setup["cfg"], setup["tokenizer"]
+    reference = build_model(cfg.model, tokenizer, cfg.seed).eval()
+    examples = [{**ex, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                for ex, (c, r) in zip(setup["examples"], naive_ld_logps(reference, setup["examples"], alpha))]
+    lengths = [(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
+    assert any(c != r for c, r in lengths)  # some pairs have a tail to reweight
+    trl_trainer.ld_alpha = alpha
+    try:
+        trl_loss, trl_metrics = trl_run(trl_trainer, examples, loss_type, 0.1, 0.0)
+    finally:
+        trl_trainer.ld_alpha = None
+    loss_set = build_loss({"dpo": {"beta": 0.1, "loss_type": loss_type, "ld_alpha": alpha}})
+    assert loss_set.needs.reference_prefix
+    with torch.no_grad():
+        ref_out = CausalLMWithLogProbs(reference, chunk_size=16)(setup["batch"], Needs())
+        batch = setup["batch"].with_reference(ref_out.seq_logps, ref_out.seq_prefix_logps)
+        sums, metrics = loss_set(CausalLMWithLogProbs(setup["policy"], chunk_size=16)(batch, loss_set.needs))
+    assert float(sums[UNIT_PAIRS]) / batch.counts[UNIT_PAIRS] == pytest.approx(trl_loss, rel=1e-6, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        ours_value = float(metrics[key].value) / metrics[key].count
+        assert ours_value == pytest.approx(trl_metrics[key], rel=1e-6, abs=1e-4), key
+    plain, _ = ours(setup, {"beta": 0.1, "loss_type": loss_type})
+    if alpha < 1:
+        assert trl_loss != pytest.approx(plain, abs=1e-4)  # the reweighting changes the loss on this batch

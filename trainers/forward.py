@@ -329,6 +329,7 @@ class CausalLMWithLogProbs(nn.Module):
             chosen=batch.chosen,
             rejected=batch.rejected,
             ref_seq_logps=batch.ref_seq_logps,
+            ref_seq_prefix_logps=batch.ref_seq_prefix_logps,
             token_stats=stats,
             seq_columns=batch.seq_columns,
         )

@@ -102,8 +102,9 @@ class Reference:
     """Built before ``accelerator.prepare`` (the copy and the weights fingerprint need the initial model);
     ``prepare`` and ``precompute`` run after it, with the prepared policy as the scorer."""
 
-    def __init__(self, cfg, model, accelerator, rebuild=None):
+    def __init__(self, cfg, model, accelerator, rebuild=None, prefix: bool = False):
         self.strategy, self.why = resolve_strategy(cfg)
+        self.prefix = prefix  # Needs.reference_prefix: the pairs' common-prefix log-probs too
         self.cfg = cfg
         self.accelerator = accelerator
         self.copy = None
@@ -183,12 +184,18 @@ class Reference:
             if missing[split]:
                 scored = score_examples(self.accelerator, scorer, ds, collator, self.cfg.train.eval_batch_size,
                                         indices=missing[split], description=f"reference log-probs ({split})",
-                                        progress=self.cfg.train.progress_bar)
+                                        progress=self.cfg.train.progress_bar, with_prefix=self.prefix)
                 values = {**values, **dict(zip(missing[split], scored))}
                 if self.accelerator.is_main_process:
                     self._write_cache(paths[split], {**stored[split], **values})
                 self.accelerator.wait_for_everyone()
-            out[split] = ds.add_column("ref_logps", [values.get(i) for i in range(len(ds))])
+            if self.prefix:  # each cached value holds the sequences' log-probs, then their common-prefix ones
+                halves = [(v[:len(v) // 2], v[len(v) // 2:]) if v else (None, None)
+                          for v in map(values.get, range(len(ds)))]
+                ds = ds.add_column("ref_prefix_logps", [prefix for _, prefix in halves])
+                out[split] = ds.add_column("ref_logps", [whole for whole, _ in halves])
+            else:
+                out[split] = ds.add_column("ref_logps", [values.get(i) for i in range(len(ds))])
         return out
 
     def _read_cache(self, path: str) -> dict[int, list[float]]:
@@ -220,6 +227,8 @@ class Reference:
             "content": dataset_fingerprint(dataset),
             "cache_format": "by_example_index",
         }
+        if self.prefix:  # values twice as long: not interchangeable with a cache of sequence log-probs alone
+            parts["with_prefix"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def after_step(self, step: int, policy) -> None:
@@ -255,9 +264,9 @@ class Reference:
         was_training = scorer.training
         scorer.eval()  # the policy trains in train mode: its base model's dropout must not reach the reference
         with torch.no_grad(), context:
-            ref_seq_logps = scorer(batch, NO_STATS).seq_logps.detach()
+            out = scorer(batch, NO_STATS)
         scorer.train(was_training)
-        return batch.with_reference(ref_seq_logps)
+        return batch.with_reference(out.seq_logps.detach(), out.seq_prefix_logps.detach() if self.prefix else None)
 
 
 class _MovedWeights:

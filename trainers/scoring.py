@@ -37,10 +37,11 @@ def gather_in_order(accelerator, results: dict[int, object], num_items: int) -> 
 
 def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator, batch_size: int,
                    indices: list[int] | None = None, description: str = "scoring",
-                   progress: bool = True) -> list[list[float]]:
+                   progress: bool = True, with_prefix: bool = False) -> list[list[float]]:
     """The per-sequence log-probs (one per sequence of the example: SFT 1, a pair 2) of ``dataset[i]`` for each ``i``
-    in ``indices`` (default: every example), in that order, under ``scorer`` in eval mode. Every rank must call it
-    with the same arguments. The bar counts examples over all ranks (so its rate and ETA are the run's)."""
+    in ``indices`` (default: every example), in that order, under ``scorer`` in eval mode; ``with_prefix`` appends
+    the same number of common-prefix log-probs (``ForwardOutputs.seq_prefix_logps``). Every rank must call it with
+    the same arguments. The bar counts examples over all ranks (so its rate and ETA are the run's)."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
     world = accelerator.num_processes
     mine = rank_batches(len(indices), batch_size, accelerator.process_index, world)
@@ -54,7 +55,10 @@ def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator,
         for step, positions in enumerate(mine):
             examples = [dataset[indices[p]] for p in (positions or [0])]  # [0]: a forward to stay in lockstep
             out = scorer(collator(examples).to(accelerator.device), NO_STATS)
-            values = out.seq_logps.float().view(len(examples), -1).tolist()
+            values = out.seq_logps.float().view(len(examples), -1)
+            if with_prefix:
+                values = torch.cat([values, out.seq_prefix_logps.float().view(len(examples), -1)], dim=1)
+            values = values.tolist()
             results.update(zip(positions, values))
             bar.update(sum(len(batches[step]) for batches in every_rank))
     bar.close()

@@ -42,6 +42,7 @@ from tunelab.trainers.distributed import build_accelerator, fill_model_keys, ini
 from tunelab.trainers.evaluation import greedy_answers
 from tunelab.trainers.export import export_model
 from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.hft import attach_half_fine_tuning
 from tunelab.trainers.input_noise import InputNoise
 from tunelab.trainers.interrupt import StopRequest, TrainingInterrupted
 from tunelab.trainers.metrics import MetricAccumulator
@@ -178,7 +179,7 @@ class Trainer:
         self.reference = None
         if self.needs.reference:
             rebuild = lambda: build_model(cfg.model, self.tokenizer, cfg.seed)  # noqa: E731 (ZeRO-3 frozen copy)
-            self.reference = Reference(cfg, model, acc, rebuild=rebuild)
+            self.reference = Reference(cfg, model, acc, rebuild=rebuild, prefix=self.needs.reference_prefix)
 
         self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
@@ -186,6 +187,7 @@ class Trainer:
         policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20),
                                       attention_tile=train.attention_tile)
         optimizer = build_optimizer(policy.parameters(), train, self.precision.compensated_updates)
+        self.half_fine_tuning = attach_half_fine_tuning(optimizer, model, train, cfg.seed, acc)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
         fill_model_keys(acc, model)
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
