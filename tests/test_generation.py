@@ -87,6 +87,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert abs(draws.count(0) / len(draws) - 0.5 / 0.8) < 0.04
     only_top = [int(next_tokens(logits, [torch.Generator().manual_seed(s)], 1.0, 0.5)) for s in range(50)]
     assert set(only_top) == {0}
+    everything = [int(next_tokens(logits, [torch.Generator().manual_seed(s)], 1.0, 1.0)) for s in range(2000)]
+    assert [round(everything.count(t) / 2000, 1) for t in range(3)] == [0.5, 0.3, 0.2]
+    halved = next_tokens(logits.repeat(2000, 1), [torch.Generator().manual_seed(s) for s in range(2000)], 0.5, 1.0)
+    assert abs(float((halved == 0).float().mean()) - 25 / 38) < 0.04  # temperature 0.5 squares the odds: 25:9:4
     assert int(next_tokens(torch.tensor([[0.1, 3.0, 0.2]]), [], 0.0, 1.0)) == 1  # temperature 0: argmax
 
 

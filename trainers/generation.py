@@ -187,11 +187,16 @@ def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], tempera
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    ordered, order = probs.sort(dim=-1, descending=True)
-    outside = ordered.cumsum(-1) - ordered >= top_p  # the mass before a token already reaches top_p
-    ordered = ordered.masked_fill(outside, 0.0)
-    picks = [torch.multinomial(ordered[row], 1, generator=generators[row]) for row in range(len(generators))]
-    return order.gather(-1, torch.stack(picks)).squeeze(-1)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+        probs = probs.masked_fill(outside, 0.0)
+    # inverse-CDF draw: one uniform number per row from the row's own generator (a per-row multinomial costs more)
+    cdf = probs.cumsum(-1)
+    uniform = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in generators])
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+    return (picks if order is None else order.gather(-1, picks)).squeeze(-1)
 
 
 class TransformersBackend:
