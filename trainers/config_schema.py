@@ -8,7 +8,8 @@ Types are checked by OmegaConf while the config composes (a wrong type or an unk
 the value rules (ranges, choices, cross-key checks) are trainers/config_check.py's, the one validation path for
 values. The `data` block, the `loss` terms and `pair_weighting` stay free dicts: their keys depend on the chosen
 sources, stages and losses, and the data pipeline and each loss's constructor reject options they do not take
-(docs/config.md lists every loss's options). `config_docs()` writes docs/config.md from these descriptions.
+(docs/config.md lists every loss's options). A key that is null or a mapping is typed Any, as OmegaConf cannot
+merge a command-line mapping into a null typed as an optional dict. `config_docs()` writes docs/config.md.
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ class TrainConfig:
                                "skipped and counted")
     neftune_alpha: float | None = option(None, "NEFTune (Jain et al. 2023) noise scale alpha/sqrt(L*d) on input "
                                             "embeddings; the paper uses 5, 10 or 15. SFT only")
-    masked_thought: dict[str, Any] | None = option(None, "Masked Thought (Chen et al. 2024): {max_rate: 0.4, "
+    masked_thought: Any = option(None, "Masked Thought (Chen et al. 2024): {max_rate: 0.4, "
                                                       "warmup_ratio: 0.66, mask_token: null} (authors' GSM8K "
                                                       "scripts). SFT only")
+    hft: Any = option(None, "Half Fine-Tuning (Hui et al. 2024, arXiv 2404.18466): {stage_steps: "
+                                        "null, others: half}; each stage trains a random half (trainers/hft.py)")
     logits_chunk_size: int = option(1024, "labelled positions per LM-head chunk")
     attention_tile: int = option(128, "tiled_sdpa queries per tile: fastest of 64-256 on the CPU benchmark rows "
                                  "(docs/benchmarks.md)")
@@ -160,8 +163,8 @@ class RunConfig:
     seed: int = option(42, "seed of data order, initialisation and sampling")
     resume: str | None = option(None, "null | auto | latest | <checkpoint dir> (docs/failure_behaviour.md)")
     loss: dict[str, Any] = option({}, "set by the recipe: {<loss name>: {<options>, weight}}; options below")
-    pair_weighting: dict[str, Any] | None = option(None, "null | {name: wpo, alignment: sampled|greedy}")
-    sftmix: dict[str, Any] | None = option(None, "SFTMix stage-2 settings (recipes/recipe/sftmix_objective.yaml)")
+    pair_weighting: Any = option(None, "null | {name: wpo, alignment: sampled|greedy}")
+    sftmix: Any = option(None, "SFTMix stage-2 settings (recipes/recipe/sftmix_objective.yaml)")
     data: dict[str, Any] = option({}, "the data config (recipes/data/, docs/data_formats.md); free keys")
     model: ModelConfig = block(ModelConfig, "the model (recipes/model/)")
     reference: ReferenceConfig = block(ReferenceConfig, "reference log-probs for losses that need them")
