@@ -20,6 +20,7 @@ import datasets
 import pyarrow as pa
 from omegaconf import OmegaConf
 
+import tunelab.data.ifd  # noqa: F401  (registers the ifd_select stage)
 import tunelab.data.mctune  # noqa: F401  (registers the mctune stage)
 import tunelab.data.sftmix  # noqa: F401  (registers the sftmix_split stage and sftmix_pairs ordering)
 from tunelab.data.formats import PAIR_FORMATS, RowError, detect_format
