@@ -19,6 +19,7 @@ import os
 import yaml
 
 from tunelab.data.onpolicy import build_pairs, read_jsonl
+from tunelab.trainers.distributed import end_process_group, init_state
 from tunelab.trainers.generation import BACKENDS, SamplingSettings, read_prompts, run_generation, unique
 
 log = logging.getLogger("tunelab.generate")
@@ -87,9 +88,7 @@ def _backend(args):
     from tunelab.trainers.generation import TransformersBackend, load_model
 
     model, tokenizer = load_model(args.model, args.adapter, args.dtype)
-    from accelerate import PartialState
-
-    return TransformersBackend(model.to(PartialState().device), tokenizer, args.batch_size)
+    return TransformersBackend(model.to(init_state().device), tokenizer, args.batch_size)
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
@@ -105,9 +104,7 @@ def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = init_state()
     prompts = read_prompts(args.prompts, args.max_prompts, args.split)
     if args.unique_prompts:
         prompts = unique(prompts)
@@ -135,9 +132,10 @@ def main(argv=None) -> dict:
                 _write_jsonl_atomic(args.pairs_out, pairs)
                 log.info("%s -> %s (train: python train.py recipe=simpo data.path=%s data.format=pairwise_messages)",
                          stats.summary(), args.pairs_out, args.pairs_out)
-    state.wait_for_everyone()
     if state.is_main_process:
         print(json.dumps(summary, indent=1))
+    if state.num_processes > 1:
+        end_process_group()
     return summary
 
 

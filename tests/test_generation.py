@@ -327,3 +327,28 @@ def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tm
     assert outputs["checkpoint"] == outputs["run"] == outputs["adapter"]
     base, tok = load_model(str(out / "export_base"))
     assert TransformersBackend(base, tok).generate(list(enumerate(PROMPTS[:3])), settings) != outputs["run"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_processes_writes_the_one_process_file(tiny, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
+    common = ["--model", str(tiny.root / "policy"), "--prompts", str(prompts), "--num-samples", "3",
+              "--max-new-tokens", "10", "--seed", "7", "--temperature", "1.0", "--top-p", "0.9", "--no-progress"]
+    generate_script.main([*common, "--out", str(tmp_path / "one.jsonl")])
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(ROOT, "recipes", "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision",
+              "no", "--main_process_port", str(port), os.path.join(ROOT, "scripts", "generate.py")]
+    done = subprocess.run([*launch, *common, "--out", str(tmp_path / "two.jsonl")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1: generated 3 prompts" in done.stderr + done.stdout
+    assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]
