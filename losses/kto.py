@@ -74,12 +74,13 @@ class KTOLoss(Loss):
         losses_d = self.desirable_weight * (1.0 - torch.sigmoid(self.beta * (ratios[desirable] - z0)))
         losses_u = self.undesirable_weight * (1.0 - torch.sigmoid(self.beta * (z0 - ratios[undesirable])))
         rewards = self.beta * ratios.detach()
-        labelled = desirable | undesirable
-        correct = (ratios.detach() > z0) == desirable  # the implicit reward against z0 tells the label
+        # every (desirable, undesirable) couple of the micro-batch: does the implicit reward rank them right?
+        margins = (rewards[desirable][:, None] - rewards[undesirable][None, :]).flatten()
         metrics = {
             "rewards/chosen": mean_metric(rewards[desirable]),
             "rewards/rejected": mean_metric(rewards[undesirable]),
-            "rewards/accuracies": mean_metric(correct[labelled].float()),
+            "rewards/accuracies": mean_metric((margins > 0).float()),
+            "rewards/margins": mean_metric(margins),
             "logps/chosen": mean_metric(out.seq_logps[desirable]),
             "logps/rejected": mean_metric(out.seq_logps[undesirable]),
             "kl": Metric(z0.float()),

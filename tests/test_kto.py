@@ -199,18 +199,19 @@ ROLES = [D, M, U, M, D, M]
 
 
 def test_the_loss_matches_hand_computed_values_with_weights():
-    # log-ratios: desirable 2 and -0.5, undesirable -1; mismatched 1, 3, -1 -> z0 = 1
-    out = outputs(ROLES, [2.0, 1.0, -1.0, 3.0, -0.5, -1.0])
+    # log-ratios: desirable 2 and -1.5, undesirable -1; mismatched 1, 3, -1 -> z0 = 1
+    out = outputs(ROLES, [2.0, 1.0, -1.0, 3.0, -1.5, -1.0])
     result = KTOLoss(beta=0.1, desirable_weight=2.0, undesirable_weight=1.0)(out)
-    expected = 2 * (1 - sigmoid(0.1 * (2 - 1))) + (1 - sigmoid(0.1 * (1 + 1))) + 2 * (1 - sigmoid(0.1 * (-0.5 - 1)))
+    expected = 2 * (1 - sigmoid(0.1 * (2 - 1))) + (1 - sigmoid(0.1 * (1 + 1))) + 2 * (1 - sigmoid(0.1 * (-1.5 - 1)))
     assert result.unit == UNIT_UNPAIRED
     assert float(result.total.detach()) == pytest.approx(expected, abs=1e-12)
-    m = result.metrics
-    assert float(m["kl"].value) == pytest.approx(1.0)
-    assert float(m["rewards/chosen"].value) / m["rewards/chosen"].count == pytest.approx(0.1 * (2 - 0.5) / 2)
-    assert float(m["rewards/rejected"].value) / m["rewards/rejected"].count == pytest.approx(-0.1)
-    # the reward against z0 tells the label for the first desirable (2 > 1) and the undesirable (-1 < 1), not -0.5
-    assert float(m["rewards/accuracies"].value) / m["rewards/accuracies"].count == pytest.approx(2 / 3)
+    m = {key: float(metric.value) / metric.count for key, metric in result.metrics.items()}
+    assert m["kl"] == pytest.approx(1.0)
+    assert m["rewards/chosen"] == pytest.approx(0.1 * (2 - 1.5) / 2)
+    assert m["rewards/rejected"] == pytest.approx(-0.1)
+    # the desirable/undesirable couples: 0.2 > -0.1 ranked right, -0.15 < -0.1 wrong
+    assert m["rewards/accuracies"] == pytest.approx(0.5)
+    assert m["rewards/margins"] == pytest.approx((0.3 - 0.05) / 2)
 
 
 def test_the_reference_point_is_clamped_at_zero():
