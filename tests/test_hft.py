@@ -97,6 +97,7 @@ def snapshot(trainer):
     return {n: p.detach().clone() for n, p in params.items()}, moments
 
 
+@pytest.mark.slow
 def test_frozen_half_is_untouched_for_its_stage_and_changes_at_the_boundary(tmp_path):
     trainer = run(tmp_path, "stages", hft={"stage_steps": 2})
     hft = trainer.half_fine_tuning
@@ -123,6 +124,7 @@ def test_frozen_half_is_untouched_for_its_stage_and_changes_at_the_boundary(tmp_
         assert not torch.equal(after_3[name], after_2[name])
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_equals_the_uninterrupted_run(tmp_path):
     option = {"stage_steps": 3}
     straight = run(tmp_path, "straight", steps=5, hft=option)
