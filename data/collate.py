@@ -186,8 +186,8 @@ class Collator:
         return Batch(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=attention_mask(doc_ids, branch_ids),
             doc_ids=doc_ids,
+            branch_ids=branch_ids,
             target_index=target[:, 0],
             target_ids=target[:, 1],
             target_seq=target[:, 2],
@@ -222,12 +222,13 @@ def sequence_column(examples: list[dict], name: str, sequences_per_example: int)
     return torch.tensor(values, dtype=torch.float32)
 
 
-def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, L, L] boolean mask (True = may attend); padding positions attend to themselves only."""
-    length = doc_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    visible_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
-    mask = causal & same_doc & visible_branch & (doc_ids[:, :, None] >= 0)
-    mask |= torch.eye(length, dtype=torch.bool)
-    return mask[:, None]
+def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, queries: slice = slice(None),
+                   keys: slice = slice(None)) -> torch.Tensor:
+    """[rows, 1, Q, K] boolean mask (True = may attend) of the ``queries`` x ``keys`` block of the layout (default:
+    all L x L): causal, within a document, a branch seeing only branch 0 and itself; padding sees itself only."""
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    q, k = positions[queries], positions[keys]
+    doc_q, doc_k = doc_ids[:, queries, None], doc_ids[:, None, keys]
+    branch_q, branch_k = branch_ids[:, queries, None], branch_ids[:, None, keys]
+    mask = (q[:, None] >= k[None, :]) & (doc_q == doc_k) & (doc_q >= 0) & ((branch_k == 0) | (branch_q == branch_k))
+    return (mask | (q[:, None] == k[None, :]))[:, None]

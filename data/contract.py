@@ -119,8 +119,12 @@ class Batch:
 
     input_ids: torch.Tensor  # [R, L] token ids, 0 on padding
     position_ids: torch.Tensor  # [R, L] restart at 0 in every document
-    attention_mask: torch.Tensor  # [R, 1, L, L] bool, True = may attend
-    doc_ids: torch.Tensor  # [R, L] document of each position, -1 = padding
+    # Who may attend to whom is described per position, not by an [R, 1, L, L] mask: a query sees the keys at or
+    # before it in its own document whose branch is 0 (a prompt, a whole SFT document) or its own branch (the
+    # rejected response cannot see the chosen one). data/collate.attention_mask builds the dense mask from these
+    # where an attention implementation needs one; tiled_sdpa builds each tile's slice on the fly.
+    doc_ids: torch.Tensor  # [R, L] document of each position, -1 = padding (which sees only itself)
+    branch_ids: torch.Tensor  # [R, L] 0 = shared by the document's branches, 1, 2, ... = one branch
     target_index: torch.Tensor  # [N] flat index (row * L + position) of the position that predicts each target
     target_ids: torch.Tensor  # [N] target token ids
     target_seq: torch.Tensor  # [N] sequence of each target

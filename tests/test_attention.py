@@ -18,10 +18,27 @@ from tunelab.trainers.forward import CausalLMWithLogProbs
 def test_query_tiles_start_at_the_first_key_any_query_of_the_tile_sees():
     # row 0: documents [0, 5) and [5, 9), then padding; row 1: documents [0, 3) and [3, 10)
     doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3, [2] * 3 + [3] * 7 + [-1] * 2])
-    mask = attention_mask(doc_ids, torch.zeros_like(doc_ids))
     # tile [0,4): key 0; tile [4,8): row 0 query 4 sees key 0; tile [8,12): row 0 query 8 sees 5, row 1 sees 3
-    assert query_tiles(mask, 4) == [(0, 4, 0), (4, 8, 0), (8, 12, 3)]
-    assert query_tiles(mask, 5) == [(0, 5, 0), (5, 10, 3), (10, 12, 10)]  # last tile: padding sees itself
+    assert query_tiles(doc_ids, 4) == [(0, 4, 0), (4, 8, 0), (8, 12, 3)]
+    assert query_tiles(doc_ids, 5) == [(0, 5, 0), (5, 10, 3), (10, 12, 10)]  # last tile: padding sees itself
+    dense = attention_mask(doc_ids, torch.zeros_like(doc_ids))  # the tiles' first keys are the mask's
+    for tile in (1, 3, 4, 5, 12):
+        for q0, q1, k0 in query_tiles(doc_ids, tile):
+            assert not dense[:, :, q0:q1, :k0].any() and dense[:, :, q0:q1, k0].any()
+
+
+def test_a_block_of_the_mask_built_from_ids_is_that_block_of_the_dense_mask():
+    batch = batches()[1]  # shared-prompt pairs: branches 0, 1, 2
+    dense = attention_mask(batch.doc_ids, batch.branch_ids)
+    length = dense.shape[-1]
+    for q0, q1, k0 in [(0, length, 0), (5, 9, 2), (17, 30, 11), (length - 3, length, 0)]:
+        block = attention_mask(batch.doc_ids, batch.branch_ids, slice(q0, q1), slice(k0, q1))
+        assert torch.equal(block, dense[:, :, q0:q1, k0:q1])
+    # the rejected branch never sees the chosen one, and sees the prompt
+    chosen, rejected = batch.branch_ids == 1, batch.branch_ids == 2
+    row = int(chosen.any(1).nonzero()[0])
+    assert not dense[row, 0][rejected[row]][:, chosen[row]].any()
+    assert dense[row, 0][rejected[row]][:, (batch.branch_ids[row] == 0) & (batch.doc_ids[row] >= 0)].any()
 
 
 def model_pair(num_kv_heads, other="tiled_sdpa"):
@@ -54,7 +71,7 @@ def test_tiled_sdpa_equals_dense_sdpa_in_values_and_gradients(tile, num_kv_heads
     sdpa = attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or sdpa(*a, **k))
     for batch in batches():
-        n_tiles = len(query_tiles(batch.attention_mask, tile))
+        n_tiles = len(query_tiles(batch.doc_ids, tile))
         assert n_tiles > 1 or tile == 128
         results = []
         for model in (dense, tiled):
@@ -72,8 +89,8 @@ def test_tiled_sdpa_equals_dense_sdpa_in_values_and_gradients(tile, num_kv_heads
 
 def test_tiles_skip_keys_the_mask_hides():
     batch = batches()[0]
-    mask = batch.attention_mask
-    tiles = query_tiles(mask, 8)
+    mask = attention_mask(batch.doc_ids, batch.branch_ids)
+    tiles = query_tiles(batch.doc_ids, 8)
     computed = sum((q1 - q0) * (q1 - k0) for q0, q1, k0 in tiles)
     assert computed <= 2 * mask.shape[-1] ** 2 / 3  # dense SDPA computes all L x L scores
     for q0, q1, k0 in tiles:  # and no visible key left out
@@ -96,12 +113,11 @@ def test_tiled_sdpa_is_not_written_into_exported_configs(tmp_path):
 
 
 def test_attention_that_cannot_take_the_document_mask_is_refused_by_name():
-    from omegaconf import OmegaConf
+    from conftest import make_cfg
 
     from tunelab.trainers.models import build_model, tiny_tokenizer
 
-    cfg = OmegaConf.load("recipes/model/tiny.yaml")
-    cfg.attn_implementation = "flash_attention_2"
+    cfg = make_cfg(["model.attn_implementation=flash_attention_2"]).model
     with pytest.raises(ValueError, match="model.attn_implementation='flash_attention_2'.*tiled_sdpa, sdpa, eager"):
         build_model(cfg, tiny_tokenizer(), seed=0)
 
@@ -118,7 +134,7 @@ def test_tiles_reach_the_attention_under_gradient_checkpointing(monkeypatch):
         model.train()
         CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(batch, Needs()).seq_logps.sum().backward()
         grads.append([p.grad for p in model.parameters()])
-    n_tiles = len(query_tiles(batch.attention_mask, 4))
+    n_tiles = len(query_tiles(batch.doc_ids, 4))
     assert len(calls) == 2 * 2 * n_tiles  # two layers, forward and the checkpointed recompute
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

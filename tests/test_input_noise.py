@@ -69,7 +69,7 @@ def test_masked_thought_masks_only_response_inputs_and_keeps_labels(packed):
     response_positions = packed.target_index + 1
     assert set(changed.nonzero().flatten().tolist()) <= set(response_positions.tolist())
     assert 0.3 < changed.sum() / response_positions.numel() < 0.7
-    for key in ("target_ids", "target_index", "attention_mask", "position_ids"):
+    for key in ("target_ids", "target_index", "doc_ids", "branch_ids", "position_ids"):
         assert torch.equal(getattr(masked, key), getattr(packed, key))
     flat = packed.input_ids.view(-1)
     assert torch.equal(flat[response_positions], packed.target_ids)  # the positions are the response tokens

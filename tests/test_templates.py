@@ -17,8 +17,7 @@ import random
 
 import pytest
 import sentencepiece as spm
-from conftest import ROOT, make_cfg
-from omegaconf import OmegaConf
+from conftest import make_cfg
 from tokenizers.models import BPE
 from transformers import GemmaTokenizer, LlamaTokenizer
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
@@ -113,7 +112,7 @@ def gemma_sp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return build_tokenizer(OmegaConf.load(f"{ROOT}/recipes/model/smollm2-135m.yaml"))
+    return build_tokenizer(make_cfg(["model=smollm2-135m"]).model)
 
 
 def with_template(tok, template: str):

@@ -1,17 +1,20 @@
-"""``tiled_sdpa``: exact attention for packed rows that skips the key blocks a row's document mask hides.
+"""``tiled_sdpa``: exact attention for packed rows that computes only the key blocks a row's documents can see,
+with the mask built tile by tile from per-position ids, never as a whole.
 
-A packed row (data/collate.py) holds several documents, or prompt | chosen | rejected, under a boolean
-[rows, 1, L, L] mask. SDPA given that mask computes all L x L scores and masks afterwards (on CPU its kernel
-cannot skip masked blocks), about 10x the visible query/key pairs at L=1024. Here the queries are cut into
-tiles of ``tile`` positions and each tile attends only to keys from the first one any of its queries can see
-up to its own last position (causal): the same SDPA, over the same mask sliced, so the result equals dense
-SDPA up to float summation order. Tiles are computed once per forward from the mask (``query_tiles``) and
-passed down to every layer as the ``attention_tiles`` keyword, which transformers forwards to the attention
-function. Measured in docs/benchmarks.md (CPU: attention 2.4-2.7x faster fwd+bwd at L~1024).
+A packed row (data/collate.py) holds several documents, or prompt | chosen | rejected, described per position by
+``doc_ids`` and ``branch_ids`` (data/contract.Batch). SDPA given the dense [rows, 1, L, L] mask computes all
+L x L scores and masks afterwards (on CPU its kernel cannot skip masked blocks), and the mask alone takes L^2
+bytes a row (1 GiB at L = 32768). Here the queries are cut into tiles of ``tile`` positions; each tile attends
+only to keys from the first one any of its queries can see (the start of its earliest document) up to its own
+last position (causal), under that block's slice of the mask, built from the ids when the tile runs
+(data/collate.attention_mask): the same SDPA over the same mask values, so the result
+equals dense SDPA up to float summation order, with O(tile x L) mask memory. The tiles are computed once per
+forward from the ids (``query_tiles``, O(L)) and passed down to every layer with the ids (``layout_ids``) as
+keywords, which transformers forwards to the attention function. Measured in docs/benchmarks.md.
 
-Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any
-call it cannot tile (no 4D mask, decoding with a cache, no tiles given) runs plain SDPA. ``layout_mask`` gives
-the other implementations the layout's mask in the form each takes (eager adds it to the scores).
+Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any call
+without the layout (generation with a cache, a plain forward) runs plain SDPA on the mask it is given.
+``layout_mask`` gives the other implementations the dense mask in the form each takes (eager adds it to the scores).
 """
 
 from __future__ import annotations
@@ -21,23 +24,32 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunelab.data import collate
 from tunelab.trainers.config_schema import TrainConfig
 
 TILED_SDPA = "tiled_sdpa"
-# The implementations that can take the packed layout's [rows, 1, L, L] document mask (in ``layout_mask``'s form).
+# The implementations that can take the packed layout: tiled_sdpa from its ids, the others as a dense mask.
 LAYOUT_ATTENTION = (TILED_SDPA, "sdpa", "eager")
 DEFAULT_TILE = TrainConfig.attention_tile
 
 
-def query_tiles(mask: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[int, int, int]]:
-    """(first query, end query, first key) per tile of a [rows, 1, L, L] boolean mask; keys end at the tile's
-    end (causal). The first key is the smallest any query of the tile sees in any row."""
-    length = mask.shape[-1]
-    starts = list(range(0, length, tile))
-    first_keys = torch.stack([
-        mask[:, 0, q0:q0 + tile].any(1).int().argmax(-1).min() for q0 in starts
-    ]).tolist()  # one device sync for all tiles
-    return [(q0, min(q0 + tile, length), k0) for q0, k0 in zip(starts, first_keys)]
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, L] the first position of each position's document (the first key it may see); padding: itself."""
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(first, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    return torch.where(doc_ids >= 0, starts, positions)
+
+
+def query_tiles(doc_ids: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[int, int, int]]:
+    """(first query, end query, first key) per tile of the rows' positions; keys end at the tile's end (causal).
+    The first key is the smallest any query of the tile sees in any row: its earliest document's start."""
+    rows, length = doc_ids.shape
+    starts = document_starts(doc_ids)
+    padded = torch.nn.functional.pad(starts, (0, -length % tile), value=length)
+    first_keys = padded.view(rows, -1, tile).amin(dim=(0, 2)).tolist()  # one device sync for all tiles
+    return [(q0, min(q0 + tile, length), k0) for q0, k0 in zip(range(0, length, tile), first_keys)]
 
 
 def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -48,15 +60,18 @@ def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> 
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, **kwargs):
-    """transformers attention function: query [B, H, L, D], key/value [B, H_kv, L, D] -> ([B, L, H, D], None)."""
+def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, layout_ids=None,
+                         **kwargs):
+    """transformers attention function: query [B, H, L, D], key/value [B, H_kv, L, D] -> ([B, L, H, D], None).
+    With ``layout_ids`` (doc_ids, branch_ids) and ``attention_tiles``, tile by tile; otherwise plain SDPA."""
     length = query.shape[2]
-    if (attention_tiles is None or attention_mask is None or attention_mask.dim() != 4
-            or key.shape[2] != length or attention_mask.shape[-1] != length):
+    if attention_tiles is None or layout_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    doc_ids, branch_ids = layout_ids
     outputs = [
         sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1],
-                               attention_mask[:, :, q0:q1, k0:q1], **kwargs)[0]
+                               collate.attention_mask(doc_ids, branch_ids, slice(q0, q1), slice(k0, q1)),
+                               **kwargs)[0]
         for q0, q1, k0 in attention_tiles
     ]
     return torch.cat(outputs, dim=1), None

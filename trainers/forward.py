@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.data.collate import attention_mask
 from tunelab.data.contract import TOKEN_STATISTICS, Batch, ForwardOutputs, Needs
 from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
 from tunelab.trainers.config_schema import TrainConfig
@@ -296,14 +297,21 @@ class CausalLMWithLogProbs(nn.Module):
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        mask = layout_mask(batch.attention_mask, implementation, self.model.get_input_embeddings().weight.dtype)
-        tiled = implementation == TILED_SDPA
+        if implementation == TILED_SDPA:
+            # the ids travel to the attention as keywords; the 4D placeholder stops transformers from building an
+            # L x L mask of its own (it passes a 4D mask through untouched, and tiled_sdpa does not read it)
+            layout = {"attention_mask": batch.doc_ids.new_ones((1, 1, 1, 1), dtype=torch.bool),
+                      "layout_ids": (batch.doc_ids, batch.branch_ids),
+                      "attention_tiles": query_tiles(batch.doc_ids, self.attention_tile)}
+        else:
+            dense = attention_mask(batch.doc_ids, batch.branch_ids)
+            layout = {"attention_mask": layout_mask(dense, implementation,
+                                                    self.model.get_input_embeddings().weight.dtype)}
         hidden = body(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
-            attention_mask=mask,
             use_cache=False,
-            **({"attention_tiles": query_tiles(mask, self.attention_tile)} if tiled else {}),
+            **layout,
         ).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         hidden = flat.index_select(0, batch.target_index)
