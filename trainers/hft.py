@@ -15,9 +15,10 @@ sequence); ``stage_steps: N`` draws a new one every N applied optimizer steps wi
 is a pure function of (seed, s), and the count of applied steps lives in the optimizer's param groups, which every
 checkpoint saves, so a resumed run freezes exactly what the uninterrupted one did.
 
-How a frozen tensor is skipped: its gradient is cleared as soon as backward accumulates it (so the clipped global
-gradient norm is that of the trained half, as when the frozen half has no gradient at all) and again just before the
-optimizer step (under DDP the gradient reduction may write zeros back). torch's optimizers leave a parameter whose
+How a frozen tensor is skipped: its gradient is cleared as soon as backward accumulates it (so on one process the
+clipped global gradient norm is that of the trained half, as when the frozen half has no gradient at all; under DDP
+the gradient reduction may write the averaged gradient back before clipping, which only changes that norm) and
+again just before the optimizer step, which decides. torch's optimizers leave a parameter whose
 grad is None untouched: no update, no weight decay, its moments and step count unchanged. ZeRO and FSDP flatten the
 parameters into shards the optimizer owns, so HFT is refused there; LoRA trains an adapter, not the model's
 weights, and is refused too.
