@@ -303,6 +303,7 @@ def test_shipped_pipeline_configs_set_known_options(name):
     assert args.num_samples >= 2 and 0 < args.top_p <= 1 and args.temperature > 0 and args.reward_model
 
 
+@pytest.mark.slow
 def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
     from conftest import make_cfg
