@@ -76,7 +76,8 @@ def sft_example(row: dict, fmt: str, template, tokenizer, max_length: int, trunc
     return {"input_ids": ids, "target_mask": mask, "status": status}
 
 
-def _response_ids(template, tokenizer, prompt_turns, reply) -> tuple[list[int], list[int]]:
+def response_ids(template, tokenizer, prompt_turns, reply) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of ``prompt_turns`` answered by the ``reply`` turn, as training tokenizes them."""
     ids, mask = encode_segments(tokenizer, template.segments(prompt_turns + [reply]))
     last = len(mask) - mask[::-1].index(1)  # drop context tokens after the final response
     start = last  # the response is the final assistant turn; earlier assistant turns are prompt context
@@ -89,8 +90,8 @@ def pair_example(
     row: dict, fmt: str, template, tokenizer, max_length: int, max_prompt_length: int, truncation: str
 ) -> dict:
     prompt_turns, chosen, rejected = _formatter(PAIR_FORMATS, fmt, "pairwise")(row)
-    prompt, chosen_ids = _response_ids(template, tokenizer, prompt_turns, chosen)
-    prompt_r, rejected_ids = _response_ids(template, tokenizer, prompt_turns, rejected)
+    prompt, chosen_ids = response_ids(template, tokenizer, prompt_turns, chosen)
+    prompt_r, rejected_ids = response_ids(template, tokenizer, prompt_turns, rejected)
     if prompt != prompt_r:
         raise RowError("chosen and rejected render different prompts", CONVERSATION_SHAPE)
     status = "ok"
@@ -117,7 +118,7 @@ def unpaired_example(
         return {"prompt_ids": pair["prompt_ids"], "completions": [pair["chosen_ids"], pair["rejected_ids"]],
                 "labels": [True, False], "status": pair["status"]}
     [(prompt_turns, completion, label)] = unpaired_rows(row, fmt)
-    prompt, completion_ids = _response_ids(template, tokenizer, prompt_turns, completion)
+    prompt, completion_ids = response_ids(template, tokenizer, prompt_turns, completion)
     status = "ok"
     if len(prompt) + len(completion_ids) > max_length:
         if truncation == "drop":

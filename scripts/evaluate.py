@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.trainers.evaluation import (
     baseline_answers,
@@ -15,10 +16,10 @@ from tunelab.trainers.evaluation import (
     generate_greedy,
     read_prompts,
     read_responses,
-    reward_scores,
     write_alpaca_eval,
     write_report,
 )
+from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
 
 
 def parse_args(argv=None):
@@ -58,11 +59,11 @@ def main(argv=None) -> dict:
     generator = args.generator or os.path.basename(os.path.normpath(args.model))
     write_alpaca_eval(os.path.join(args.out, "model_outputs.json"), prompts, outputs, generator)
 
-    judge_tokenizer = AutoTokenizer.from_pretrained(args.judge)
-    judge = AutoModelForSequenceClassification.from_pretrained(args.judge).eval()
+    judge, judge_tokenizer = load_reward_model(args.judge)
+    scorer = RewardScorer(judge, judge_tokenizer, args.judge, args.batch_size)
     report = compare(
         prompts, outputs, baseline,
-        lambda p, r: reward_scores(judge, judge_tokenizer, p, r, args.batch_size),
+        lambda p, r: np.asarray(scorer.score([[{"role": "user", "content": text}] for text in p], list(r))),
         confidence=args.confidence, bootstrap=args.bootstrap, seed=args.seed,
     )
     write_report(args.out, report)

@@ -18,7 +18,6 @@ from tunelab.trainers.evaluation import (
     generate_greedy,
     read_prompts,
     read_responses,
-    reward_scores,
 )
 from tunelab.trainers.models import tiny_tokenizer
 
@@ -57,17 +56,6 @@ def test_batched_generation_equals_one_prompt_at_a_time(models):
     alone = [generate_greedy(policy, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
     assert batched == alone
     assert all(isinstance(a, str) and a for a in batched)
-
-
-def test_batched_reward_equals_single_unpadded_forward(models):
-    tok, _, judge, _ = models
-    responses = ["red", "four, of course", "hello there, dear reader of this line", ""]
-    batched = reward_scores(judge, tok, PROMPTS, responses, batch_size=4)
-    for i, (prompt, response) in enumerate(zip(PROMPTS, responses, strict=True)):
-        ids = tok(_chat(tok, prompt, response), return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            single = judge(**ids).logits[0, 0].item()
-        assert batched[i] == pytest.approx(single, abs=1e-5)
 
 
 def test_compare_counts_and_lengths_by_hand():

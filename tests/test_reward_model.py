@@ -18,10 +18,13 @@ from transformers import AutoModelForSequenceClassification
 from tunelab.data.collate import Collator
 from tunelab.data.contract import ForwardOutputs, Needs
 from tunelab.data.pipeline import build_datasets
+from tunelab.data.templates import build_template
+from tunelab.data.tokenize import response_ids
 from tunelab.losses import build_loss
 from tunelab.losses.reward import bradley_terry_pair_losses
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
 from tunelab.trainers.trainer import Trainer
 
 trl = pytest.importorskip("trl")
@@ -180,3 +183,17 @@ def test_reward_model_learns_and_its_export_scores_as_in_training(tmp_path, lora
         trained = policy(trainer.collator(examples), SCORES).seq_scores
     want = [direct_score(exported, ex["prompt_ids"] + ex[key]) for ex in examples for key in RESPONSES]
     assert trained.tolist() == pytest.approx(want, abs=1e-5)
+    # the pipeline's scorer feeds a tunelab reward model the training tokenization: same scores from text
+    judge, tokenizer = load_reward_model(str(run / "export"))
+    assert judge.config.tunelab_scores == "training_layout"
+    turns = [[{"role": "user", "content": q}] for q in ("What colour is snow?", "Name a capital city.")]
+    replies = ["Snow is white.", "Paris is the capital of France."]
+    scored = RewardScorer(judge, tokenizer, "rm", batch_size=2).score(turns, replies)
+    template = build_template("chat", tokenizer)
+    pairs = []
+    for turn, reply in zip(turns, replies):
+        prompt, ids = response_ids(template, tokenizer, turn, {"role": "assistant", "content": reply})
+        pairs.append({"prompt_ids": prompt, "chosen_ids": ids, "rejected_ids": ids})
+    with torch.no_grad():
+        direct = policy(trainer.collator(pairs), SCORES).seq_scores[0::2]
+    assert scored == pytest.approx(direct.tolist(), abs=1e-5)

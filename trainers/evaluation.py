@@ -111,26 +111,6 @@ def greedy_answers(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_ne
     return answers
 
 
-@torch.no_grad()
-def reward_scores(
-    judge, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8
-) -> np.ndarray:
-    """Scalar reward of each (prompt, response) conversation from a sequence-classification model's single logit,
-    read at the last real token (right padding, which the model locates by its pad id)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    scores = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            pairs = zip(prompts[start:start + batch_size], responses[start:start + batch_size], strict=True)
-            texts = [_chat(tokenizer, p, r) for p, r in pairs]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(judge.device)
-            scores.extend(judge(**batch).logits[:, 0].float().tolist())
-    finally:
-        tokenizer.padding_side = side
-    return np.asarray(scores, dtype=np.float64)
-
-
 def compare(
     prompts: Sequence[str],
     model_outputs: Sequence[str],

@@ -29,6 +29,7 @@ from tunelab.trainers.attention import LAYOUT_ATTENTION  # importing it register
 log = logging.getLogger(__name__)
 
 SOURCES = ("tiny", "gguf", "hf")
+TRAINING_LAYOUT = "training_layout"  # config.tunelab_scores of a reward model trained by tunelab
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -162,6 +163,9 @@ def build_model(model_cfg, tokenizer, seed: int, sequence_scores: bool = False):
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
     if sequence_scores:  # it scores the rightmost token that is not pad (trainers/forward.py does the same)
         model.config.pad_token_id = tokenizer.pad_token_id
+        # saved with the export: scorers feed such a model prompt + response tokenized as training did
+        # (trainers/reward_scoring.py), not the chat template's full rendering, which may add tokens after the reply
+        model.config.tunelab_scores = TRAINING_LAYOUT
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

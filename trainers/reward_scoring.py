@@ -6,6 +6,12 @@ explicit position ids, and the model's pooling is pointed at the last position: 
 otherwise pool at the last token that is not the pad id, which is wrong when the pad id is also the conversation's
 final token (a tokenizer whose pad is its end-of-turn token).
 
+A reward model trained by tunelab (``config.tunelab_scores == "training_layout"``, trainers/models.py) learned its
+score on prompt + response tokenized as training tokenizes them (data/tokenize.response_ids: the response ends at its
+end-of-turn token), read at the last token that is not pad; the full chat-template rendering may add tokens after the
+reply (ChatML's newline), which would move the read position. Such a model is fed those tokens and keeps its own
+pooling, so it scores exactly as it did in training.
+
 The cache holds one JSON file per (model identity: its name and a fingerprint of its weights, chat template) under
 ``cache_dir``, mapping the SHA-256 of each rendered conversation to its score, like the reference log-probs
 (trainers/reference.py, written atomically with trainers/files.py): a text scored once is never scored again by the
@@ -23,12 +29,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import broadcast_object_list
 
+from tunelab.data.templates import build_template
+from tunelab.data.tokenize import response_ids
 from tunelab.trainers.files import write_json_atomic
+from tunelab.trainers.models import TRAINING_LAYOUT
 from tunelab.trainers.reference import weights_fingerprint
 from tunelab.trainers.scoring import gather_in_order, rank_batches
 
@@ -77,25 +86,37 @@ class RewardScorer:
                  "max_length": max_length, "dtype": str(next(model.parameters()).dtype)}
         self.key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
         self.cache_path = os.path.join(cache_dir, f"{self.key}.json") if cache_dir else None
+        trained_here = getattr(model.config, "tunelab_scores", None) == TRAINING_LAYOUT
+        self.template = build_template("chat", tokenizer) if trained_here else None
 
     def render(self, turns: list[dict], response: str) -> str:
+        """The conversation as text: the cache key, and for other reward models what they read."""
+        if self.template is not None:
+            return json.dumps(self.encode(turns, response))
         conversation = [*turns, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
+    def encode(self, turns: list[dict], response: str) -> list[int]:
+        """The token ids the model scores."""
+        if self.template is not None:
+            reply = {"role": "assistant", "content": response}
+            prompt, response_tokens = response_ids(self.template, self.tokenizer, turns, reply)
+            ids = prompt + response_tokens
+        else:
+            ids = self.tokenizer(self.render(turns, response), add_special_tokens=False)["input_ids"]
+        return ids[:self.max_length] if self.max_length else ids
+
     @torch.no_grad()
-    def _forward(self, texts: list[str]) -> list[float]:
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                                 truncation=self.max_length is not None, max_length=self.max_length)
-        finally:
-            self.tokenizer.padding_side = side
-        mask = enc["attention_mask"].to(self.device)
+    def _forward(self, encoded: list[list[int]]) -> list[float]:
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.forwards += 1
-        with _pool_at_last_position(self.model):
-            out = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, position_ids=positions)
+        # a tunelab reward model keeps its own pooling (the last token that is not pad, as in training)
+        with nullcontext() if self.template is not None else _pool_at_last_position(self.model):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
         return out.logits[:, 0].float().tolist()
 
     def _read_cache(self) -> dict[str, float]:
@@ -112,6 +133,7 @@ class RewardScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         texts = [self.render(turns, response) for turns, response in zip(prompts, responses)]
         keys = [text_key(text) for text in texts]
+        encoded = {key: self.encode(turns, response) for key, turns, response in zip(keys, prompts, responses)}
         main = state is None or state.is_main_process
         cached = self._read_cache() if main else {}
         if state is not None and state.num_processes > 1:
@@ -121,7 +143,7 @@ class RewardScorer:
         mine: dict[int, float] = {}
         for batch in rank_batches(len(todo), self.batch_size, rank, world):
             if batch:
-                mine.update(zip(batch, self._forward([todo[p][1] for p in batch])))
+                mine.update(zip(batch, self._forward([encoded[todo[p][0]] for p in batch])))
         scored = gather_in_order(state, mine, len(todo)) if state is not None else [mine[p] for p in range(len(todo))]
         new = {key: value for (key, _), value in zip(todo, scored)}
         if new and main and self.cache_path is not None:
