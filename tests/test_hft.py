@@ -80,13 +80,11 @@ def test_draws_depend_on_seed_and_stage_only():
 
 # ---- in training runs ----------------------------------------------------------------------------------------------
 
-def run(tmp_path, name, *overrides, steps=4, hft=None):
+def run(tmp_path, name, *overrides, steps=4):
     cfg = make_cfg([f"output_dir={tmp_path / name}", "export.enabled=false", f"train.max_steps={steps}",
                     "train.eval_every=0", "train.eval_at_start=false", "train.log_every=1",
                     "train.global_batch_size=8", "train.micro_batch_size=4", "train.scheduler=constant",
                     "train.warmup_steps=0", "train.weight_decay=0.1", *overrides])
-    # set after composing: Hydra cannot override a null mapping key from the command line (omegaconf 2.3)
-    cfg.train.hft = hft
     return Trainer(cfg, recipe_name=name)
 
 
@@ -99,7 +97,7 @@ def snapshot(trainer):
 
 @pytest.mark.slow
 def test_frozen_half_is_untouched_for_its_stage_and_changes_at_the_boundary(tmp_path):
-    trainer = run(tmp_path, "stages", hft={"stage_steps": 2})
+    trainer = run(tmp_path, "stages", "train.hft={stage_steps:2}")
     hft = trainer.half_fine_tuning
     before, _ = snapshot(trainer)
     trainer.train_step()
@@ -126,15 +124,15 @@ def test_frozen_half_is_untouched_for_its_stage_and_changes_at_the_boundary(tmp_
 
 @pytest.mark.slow
 def test_resume_mid_stage_equals_the_uninterrupted_run(tmp_path):
-    option = {"stage_steps": 3}
-    straight = run(tmp_path, "straight", steps=5, hft=option)
+    option = "train.hft={stage_steps:3}"
+    straight = run(tmp_path, "straight", option, steps=5)
     straight.fit()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    run(tmp_path, "resumed", "train.save_every=2", steps=2, hft=option).fit()  # stops inside stage 0
+    run(tmp_path, "resumed", option, "train.save_every=2", steps=2).fit()  # stops inside stage 0
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    resumed = run(tmp_path, "resumed", "resume=latest", steps=5, hft=option)
+    resumed = run(tmp_path, "resumed", option, "resume=latest", steps=5)
     resumed.fit()
     assert resumed.half_fine_tuning.applied_steps() == 5
     losses = [r["loss"] for r in read_metrics(str(tmp_path / "resumed"))]
