@@ -120,3 +120,15 @@ def test_perturbations_refuse_pairwise_losses(tmp_path):
             sft_run(tmp_path, f"pairs{k}", "recipe=dpo", option, "data.sources.0.num_rows=100")
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         sft_run(tmp_path, "token", "train.masked_thought={mask_token:'<nope>'}")
+
+
+def test_paper_recipes_carry_the_authors_numbers():
+    neftune = make_cfg(["recipe=sft_neftune_llama2_7b_alpaca"], fast=False)
+    assert (neftune.train.neftune_alpha, neftune.train.lr, neftune.train.global_batch_size,
+            neftune.train.micro_batch_size) == (5, 5e-5, 128, 4)  # neelsjain/NEFTune experiment_code/README.md
+    assert (neftune.model.name_or_path, neftune.data.template, neftune.data.final_eos) == (
+        "meta-llama/Llama-2-7b-hf", "alpaca", "ensure")  # experiment_code/dataset.py: Alpaca prompts, EOS appended
+    masked = make_cfg(["recipe=sft_masked_thought_llama2_7b_gsm8k"], fast=False)
+    assert dict(masked.train.masked_thought) == {"max_rate": 0.4, "warmup_ratio": 0.66, "mask_token": None}
+    assert (masked.train.lr, masked.train.epochs, masked.train.global_batch_size, masked.train.scheduler,
+            masked.train.warmup_ratio, masked.data.max_length, masked.seed) == (1e-5, 10, 64, "cosine", 0.01, 512, 1)
