@@ -3,11 +3,12 @@ with gradients checked numerically. Parity with TRL on a real model is in tests/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from test_preference_losses import SEQS, logsig, make_out, pairs, per_pair
+from test_preference_losses import REF, SEQS, logsig, make_out, pairs, per_pair
 
 from tunelab.data.contract import UNIT_PAIRS, UNIT_TARGET_TOKENS
 from tunelab.losses import build_loss
@@ -76,6 +77,8 @@ def test_bco_shift_is_a_running_mean_of_step_rewards_subtracted_from_both_reward
     fresh.load_state_dict(loss.state_dict())
     assert per_pair(fresh) == pytest.approx(want, rel=1e-12)
     assert not DPOLoss(beta=0.5, loss_type="bco_pair", bco_running_shift=False).stateful
+    flat = torch.tensor([v for s in SEQS for v in s], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: loss.pair_losses(make_out(token_logps=x))[0].sum(), (flat,))
     assert not DPOLoss(beta=0.5).stateful
 
 
@@ -117,6 +120,38 @@ def test_gradients_match_finite_differences(options):
     loss = DPOLoss(beta=0.7, **options)
     flat = torch.tensor([v for s in SEQS for v in s], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: loss.pair_losses(make_out(token_logps=x))[0].sum(), (flat,))
+
+
+REF_PREFIX = [-1.0, -0.5, -2.0, -1.5]  # reference log-probs of each pair's common prefix (any values do)
+
+
+def ld_out(token_logps=None):
+    return dataclasses.replace(make_out(token_logps=token_logps),
+                               ref_seq_prefix_logps=torch.tensor(REF_PREFIX, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_ld_dpo_reweights_the_tokens_past_the_shorter_response_by_hand(alpha):
+    """Per sequence: the sum of its first min(|y_w|, |y_l|) tokens plus alpha times the rest, for policy and
+    reference alike (the reference's full and prefix sums given), then the sigmoid loss."""
+    loss = DPOLoss(beta=0.5, ld_alpha=alpha)
+    assert loss.needs.reference_prefix and not DPOLoss(beta=0.5).needs.reference_prefix
+    want = []
+    for p in range(len(SEQS) // 2):
+        w, l = SEQS[2 * p], SEQS[2 * p + 1]  # noqa: E741
+        k = min(len(w), len(l))
+        policy = [sum(s[:k]) + alpha * sum(s[k:]) for s in (w, l)]
+        ref = [REF_PREFIX[2 * p + i] + alpha * (REF[2 * p + i] - REF_PREFIX[2 * p + i]) for i in range(2)]
+        want.append(-logsig(0.5 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))))
+    got, _ = loss.pair_losses(ld_out())
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert len({len(s) for s in SEQS}) > 1  # the fixture has tails to reweight
+
+
+def test_ld_dpo_gradients_match_finite_differences():
+    loss = DPOLoss(beta=0.7, ld_alpha=0.3)
+    flat = torch.tensor([v for s in SEQS for v in s], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: loss.pair_losses(ld_out(token_logps=x))[0].sum(), (flat,))
 
 
 @pytest.mark.parametrize("options, message", [
