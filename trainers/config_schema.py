@@ -268,7 +268,7 @@ def config_docs() -> str:
               "{weight: 0.2}}`; each option is a keyword of the loss's constructor, which rejects any other, and "
               "`weight` (default 1) scales the term in the sum. Formulas and sources: docs/methods*.md.", ""]
     for title, table in (("", LOSSES), ("pair weighting ", PAIR_WEIGHTINGS)):
-        for name in sorted(table):
+        for name in sorted(n for n, kind in table.items() if kind.__module__.startswith("tunelab.")):  # not a test's
             summary = inspect.cleandoc(table[name].__dict__.get("__doc__") or "").split("\n")[0]
             lines += [f"### {title}`{name}`", "", summary, "", *_option_rows(table[name]), ""]
     return "\n".join(lines).rstrip() + "\n"
