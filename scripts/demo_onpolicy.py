@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts judged at the end")
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--reward-steps", type=int, default=60, help="reward-model optimizer steps (16 pairs each)")
+    parser.add_argument("--reward-steps", type=int, default=30, help="reward-model optimizer steps (16 pairs each)")
     parser.add_argument("--policy-steps", type=int, default=24, help="SimPO optimizer steps (8 pairs each)")
     parser.add_argument("--policy-lr", type=float, default=1e-3, help="SimPO learning rate (LoRA)")
     parser.add_argument("--seed", type=int, default=0)
