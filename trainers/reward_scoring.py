@@ -102,8 +102,14 @@ class RewardScorer:
             reply = {"role": "assistant", "content": response}
             prompt, response_tokens = response_ids(self.template, self.tokenizer, turns, reply)
             ids = prompt + response_tokens
-        else:
-            ids = self.tokenizer(self.render(turns, response), add_special_tokens=False)["input_ids"]
+            return ids[:self.max_length] if self.max_length else ids
+        return self._ids(self.render(turns, response))
+
+    def _ids(self, text: str) -> list[int]:
+        """The token ids of a rendered conversation (``render``'s text), tokenized once, only when it is scored."""
+        if self.template is not None:
+            return json.loads(text)  # render already holds encode's ids
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[:self.max_length] if self.max_length else ids
 
     @torch.no_grad()
@@ -133,7 +139,6 @@ class RewardScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         texts = [self.render(turns, response) for turns, response in zip(prompts, responses)]
         keys = [text_key(text) for text in texts]
-        encoded = {key: self.encode(turns, response) for key, turns, response in zip(keys, prompts, responses)}
         main = state is None or state.is_main_process
         cached = self._read_cache() if main else {}
         if state is not None and state.num_processes > 1:
@@ -143,7 +148,7 @@ class RewardScorer:
         mine: dict[int, float] = {}
         for batch in rank_batches(len(todo), self.batch_size, rank, world):
             if batch:
-                mine.update(zip(batch, self._forward([encoded[todo[p][0]] for p in batch])))
+                mine.update(zip(batch, self._forward([self._ids(todo[p][1]) for p in batch])))
         scored = gather_in_order(state, mine, len(todo)) if state is not None else [mine[p] for p in range(len(todo))]
         new = {key: value for (key, _), value in zip(todo, scored)}
         if new and main and self.cache_path is not None:
