@@ -12,6 +12,7 @@ from tunelab.trainers.config_schema import register
 from tunelab.trainers.distributed import end_process_group
 from tunelab.trainers.interrupt import TrainingInterrupted
 from tunelab.trainers.logs import setup_logging
+from tunelab.trainers.rounds import run_rounds
 from tunelab.trainers.trainer import Trainer
 
 
@@ -21,7 +22,10 @@ def main(cfg) -> None:
     recipe = HydraConfig.get().runtime.choices.get("recipe", "run")
     expand_short_form(cfg.data, sources_given=sources_overridden(HydraConfig.get().overrides.task))
     try:
-        Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
+        if cfg.rounds.count > 0:  # iterative rounds (trainers/rounds.py): a config switch, whatever the loss
+            run_rounds(cfg, recipe_name=recipe.replace("/", "-"))
+        else:
+            Trainer(cfg, recipe_name=recipe.replace("/", "-")).fit()
     except TrainingInterrupted as stopped:  # every rank stopped after the same step, with its checkpoint written
         if PartialState().is_main_process:
             logging.getLogger("tunelab").warning("%s", stopped)

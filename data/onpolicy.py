@@ -10,6 +10,9 @@
   SimPO v0.2 / WPO on-policy datasets were made; prompts that give no pair are dropped and counted by reason.
   ``pair_row`` writes the ``pairwise_messages`` format (UltraFeedback-binarized schema, plus its ``score_chosen`` /
   ``score_rejected`` columns), which ``train.py data.path=<file> data.format=pairwise_messages`` reads.
+- ``gold_response`` and ``gold_pairs`` (SPIN, Chen et al. 2024, arXiv 2401.01335): chosen = the data's own response to
+  the prompt, rejected = the model's generation for it; a prompt whose generation is empty or equals the gold
+  response gives no pair (counted).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ FEWER_THAN_TWO = "fewer than 2 samples"
 EMPTY = "fewer than 2 non-empty samples"
 ALL_TIED = "all samples tied"
 BELOW_MARGIN = "best - worst below min_margin"
-DROP_REASONS = (FEWER_THAN_TWO, EMPTY, ALL_TIED, BELOW_MARGIN)
+NO_GENERATION = "generation empty"
+SAME_AS_GOLD = "generation equals the gold response"
+DROP_REASONS = (FEWER_THAN_TWO, EMPTY, ALL_TIED, BELOW_MARGIN, NO_GENERATION, SAME_AS_GOLD)
 
 
 def _user_turn(content: str, extra: str = "") -> dict:
@@ -123,7 +128,8 @@ def best_and_worst(responses: list[str], scores: list[float], min_margin: float 
     return best, worst
 
 
-def pair_row(turns: list[dict], chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> dict:
+def pair_row(turns: list[dict], chosen: str, rejected: str, score_chosen: float | None,
+             score_rejected: float | None) -> dict:
     """One ``pairwise_messages`` row: both conversations share the prompt turns and end with their response."""
     return {
         "prompt": prompt_text(turns),
@@ -149,5 +155,41 @@ def build_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[list[dict], 
         best, worst = picked
         pairs.append(pair_row(row["messages"], row["responses"][best], row["responses"][worst],
                               row["scores"][best], row["scores"][worst]))
+        stats.pairs += 1
+    return pairs, stats
+
+
+def gold_response(row: dict) -> str:
+    """The data's own answer in an SFT row: a trailing assistant turn of ``messages``, alpaca's ``output`` or
+    ``completion``; a RowError when the row holds none."""
+    if "messages" in row:
+        turns = _turns(row["messages"], "messages")
+        if turns[-1]["role"] == "assistant" and turns[-1]["content"].strip():
+            return turns[-1]["content"]
+        raise RowError("field 'messages' does not end with a non-empty assistant turn (the gold response)",
+                       "conversation shape")
+    for key in ("output", "completion"):
+        if isinstance(row.get(key), str) and row[key].strip():
+            return row[key]
+    raise RowError("the row holds no gold response (a trailing assistant turn in 'messages', 'output' or "
+                   "'completion')", "missing field")
+
+
+def gold_pairs(rows: list[dict], golds: list[str]) -> tuple[list[dict], PairStats]:
+    """SPIN pairs from generation rows (``messages``, ``responses``) and each row's gold response: chosen = gold,
+    rejected = the first generated response. Rewards are not known, so the score columns are null."""
+    if len(rows) != len(golds):
+        raise ValueError(f"{len(rows)} generation rows but {len(golds)} gold responses")
+    stats, pairs = PairStats(), []
+    for row, gold in zip(rows, golds):
+        stats.prompts += 1
+        generated = row["responses"][0] if row["responses"] else ""
+        if not generated.strip():
+            stats.dropped[NO_GENERATION] += 1
+            continue
+        if generated.strip() == gold.strip():
+            stats.dropped[SAME_AS_GOLD] += 1
+            continue
+        pairs.append(pair_row(row["messages"], gold, generated, None, None))
         stats.pairs += 1
     return pairs, stats

@@ -92,6 +92,11 @@ RULES: tuple[Rule, ...] = (
     Rule("train.eval_at_start", _choices(True, False), one_of(True, False)),
     Rule("reference.update_every", "an integer >= 0 (steps; 0 = a fixed reference)", integer_at_least(0)),
     Rule("reference.update_alpha", "a number in (0, 1] (1 = hard update)", lambda v: _is_number(v) and 0 < v <= 1),
+    Rule("rounds.count", "an integer >= 0 (0 = an ordinary run)", integer_at_least(0)),
+    Rule("rounds.samples", "an integer > 0", integer_at_least(1)),
+    Rule("rounds.pairs", _choices("best_worst", "gold_vs_generated"), one_of("best_worst", "gold_vs_generated")),
+    Rule("rounds.reference", _choices("round_start", "initial", "none"), one_of("round_start", "initial", "none")),
+    Rule("rounds.backend", _choices("transformers", "vllm"), one_of("transformers", "vllm")),
     Rule("train.trackers", "a list of any of " + ", ".join(TRACKERS) + " (or null)",
          lambda v: v is None or (OmegaConf.is_list(v) or isinstance(v, list)) and all(n in TRACKERS for n in v)),
 )
@@ -157,9 +162,23 @@ def _recommended_is_valid(cfg) -> str | None:
     return "; ".join(problems) or None
 
 
+def _rounds_are_complete(cfg) -> str | None:
+    count = OmegaConf.select(cfg, "rounds.count", default=0)
+    if not _is_int(count) or count == 0:
+        return None
+    problems = []
+    if not OmegaConf.select(cfg, "rounds.prompts.path", default=None):
+        problems.append(f"rounds.count={count} needs rounds.prompts.path (the prompts each round generates for)")
+    rates = OmegaConf.select(cfg, "rounds.lr", default=None)
+    if rates is not None and not (OmegaConf.is_list(rates) and len(rates) == count and all(
+            _is_number(r) and r > 0 for r in rates)):
+        problems.append(f"rounds.lr={rates!r} is invalid: valid values are null or {count} numbers > 0, one per round")
+    return "; ".join(problems) or None
+
+
 # checks that involve several keys; each returns a message or None
 JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run, _recommended_is_valid,
-                                                        _updated_reference_is_a_copy)
+                                                        _updated_reference_is_a_copy, _rounds_are_complete)
 
 
 def check_config(cfg) -> None:

@@ -98,6 +98,8 @@ class ReferenceConfig:
     update_alpha: float = option(0.6, "TR-DPO mixing weight, ref <- a*policy + (1-a)*ref (TRL's default 0.6)")
     cache_dir: str = option("${oc.env:TUNELAB_CACHE,${oc.env:HOME}/.cache/tunelab}/ref_logps",
                             "where precomputed reference log-probs are cached per example")
+    model_path: str | None = option(None, "a Hugging Face model directory (or hub id) the reference is loaded from "
+                                    "instead of the policy's initial weights (same tokenizer); frozen_copy only")
 
 
 @dataclass
@@ -157,6 +159,31 @@ class ExportConfig:
 
 
 @dataclass
+class RoundsConfig:
+    count: int = option(0, "rounds of generate -> score -> pair -> train (trainers/rounds.py); 0 = an ordinary run")
+    prompts: Any = option(None, "the prompts source, as a data source: {path, format, num_rows, seed, max_rows} "
+                          "(SPIN: rows that also hold the gold response)")
+    pairs: str = option("best_worst", "best_worst (iterative DPO/SimPO: best vs worst scored sample) | "
+                        "gold_vs_generated (SPIN, Chen et al. 2024: the data's response vs a generated one)")
+    samples: int = option(4, "responses sampled per prompt and round (best_worst); gold_vs_generated uses the first")
+    temperature: float = option(0.8, "sampling temperature; 0.8 with top_p 0.95 is SimPO v0.2's on-policy setting "
+                                "(recipes/generate/simpo_v02_llama3.yaml)")
+    top_p: float = option(0.95, "nucleus sampling mass (SimPO v0.2)")
+    max_new_tokens: int = option(256, "new tokens per sample at most")
+    generation_batch_size: int = option(8, "sequences per generation forward (transformers backend)")
+    backend: str = option("transformers", "transformers | vllm (GPU; trainers/generation.py)")
+    reward_model: str | None = option(None, "sequence-classification reward model (a directory or hub id) that "
+                                      "scores the samples; best_worst needs it")
+    reward_batch_size: int = option(8, "conversations per reward-model forward")
+    min_margin: float = option(0.0, "best_worst: a pair needs best - worst >= this reward margin")
+    reference: str = option("round_start", "round_start (the round's starting policy) | initial (the run's initial "
+                            "model) | none (reference-free losses only): the reference of each round")
+    lr: Any = option(None, "null, or one learning rate per round (train.lr of that round's training)")
+    selection: Any = option(None, "null (every prompt, every round) | {name: optune_lowest_reward, fraction: 0.5}: "
+                            "which prompts are regenerated from round 1 on (data/prompt_selection.py)")
+
+
+@dataclass
 class RunConfig:
     output_dir: str | None = option(None, "null: a new runs/<recipe>/<time>_<id>; a given one must be empty "
                                        "unless resuming (docs/failure_behaviour.md)")
@@ -170,6 +197,7 @@ class RunConfig:
     reference: ReferenceConfig = block(ReferenceConfig, "reference log-probs for losses that need them")
     train: TrainConfig = block(TrainConfig, "optimisation, evaluation, logging and checkpoints")
     export: ExportConfig = block(ExportConfig, "the final model written at the end")
+    rounds: RoundsConfig = block(RoundsConfig, "iterative rounds (iterative DPO/SimPO, SPIN); count 0 = off")
 
 
 def register() -> None:

@@ -13,6 +13,11 @@
   it runs in a second, optimizer-less DeepSpeed engine, so it costs each rank 1/N of the model.
 - ``adapter_disabled``: the policy itself with its LoRA adapter switched off (no second copy in memory).
 
+With ``reference.model_path`` the reference is another model than the policy's initial weights (a Hugging Face
+directory or hub id sharing the policy's tokenizer; e.g. the first model of an iterative run, trainers/rounds.py): it
+is loaded as a frozen copy (``auto`` resolves to ``frozen_copy``; the other strategies score the policy itself and
+are refused).
+
 With ``reference.update_every`` > 0 (TR-DPO, frozen copy only) the copy follows the policy during training: after
 every ``update_every``-th step, each weight the policy trains becomes ``alpha * policy + (1 - alpha) * reference``
 (the weights the policy does not train are equal in both and stay so). The moved weights are part of every
@@ -46,6 +51,7 @@ from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.trainers.distributed import is_partitioned, zero_stage
 from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.models import build_model
 from tunelab.trainers.scoring import NO_STATS, score_examples
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,12 @@ def resolve_strategy(cfg) -> tuple[str, str]:
     strategy = cfg.reference.strategy
     if strategy not in STRATEGIES:
         raise KeyError(f"unknown reference.strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    other = OmegaConf.select(cfg, "reference.model_path", default=None)
+    if other and strategy not in ("auto", "frozen_copy"):
+        raise ValueError(f"reference.model_path={other} needs reference.strategy=frozen_copy (or auto), not "
+                         f"{strategy}, which scores with the policy's own weights")
+    if other:
+        return "frozen_copy", f"reference.model_path: a frozen copy of {other}"
     if strategy != "auto":
         return strategy, "set by reference.strategy"
     if cfg.model.lora.enabled:
@@ -67,6 +79,15 @@ def resolve_strategy(cfg) -> tuple[str, str]:
                                     "adapter switched off (same weights and precision, no pass before training)")
     return "precomputed", ("auto, no LoRA adapter to switch off: the initial model scores the data once before "
                            "training, cached")
+
+
+def other_model_config(model_cfg, path: str):
+    """``model_cfg`` for the model at ``path`` (source hf, its own tokenizer), without LoRA or checkpointing: the
+    reference is frozen."""
+    other = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
+    other.source, other.name_or_path, other.tokenizer = "hf", path, None
+    other.lora.enabled, other.gradient_checkpointing, other.load_in_4bit = False, False, False
+    return other
 
 
 def weights_fingerprint(model: torch.nn.Module, accelerator=None) -> str:
@@ -113,16 +134,23 @@ class Reference:
             self.weights = weights_fingerprint(model, accelerator)
         if self.strategy == "frozen_copy":
             partitioned = any(is_partitioned(p) for p in model.parameters())
-            if partitioned and rebuild is None:
+            if partitioned and rebuild is None and not OmegaConf.select(cfg, "reference.model_path", default=None):
                 raise ValueError("reference.strategy=frozen_copy: the model is sharded at load (ZeRO-3 init) and "
                                  "cannot be copied; use reference.strategy=precomputed")
-            frozen = (rebuild() if partitioned else copy.deepcopy(model)).eval()
+            other = OmegaConf.select(cfg, "reference.model_path", default=None)
+            if other:
+                frozen = build_model(other_model_config(cfg.model, other), None, cfg.seed).eval()
+            else:
+                frozen = (rebuild() if partitioned else copy.deepcopy(model)).eval()
             frozen.requires_grad_(False)
             self.copy = CausalLMWithLogProbs(frozen, cfg.train.logits_chunk_size,
                                              attention_tile=cfg.train.attention_tile)
             if zero_stage(accelerator) != 3:
                 self.copy = self.copy.to(accelerator.device)
         self.update_every = OmegaConf.select(cfg, "reference.update_every", default=0)
+        if self.update_every and OmegaConf.select(cfg, "reference.model_path", default=None):
+            raise ValueError("reference.update_every (TR-DPO) moves the policy's own initial copy; it cannot be "
+                             "combined with reference.model_path")
         if self.update_every and zero_stage(accelerator) == 3:
             raise ValueError("reference.update_every (TR-DPO) is not supported under ZeRO-3, where the policy and the "
                              "reference copy are sharded in two engines; use ZeRO-2, DDP or one process")
