@@ -222,6 +222,15 @@ def sequence_column(examples: list[dict], name: str, sequences_per_example: int)
     return torch.tensor(values, dtype=torch.float32)
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, L] the first position of each position's document (the first key it may see); padding: itself."""
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(first, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    return torch.where(doc_ids >= 0, starts, positions)
+
+
 def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, queries: slice = slice(None),
                    keys: slice = slice(None)) -> torch.Tensor:
     """[rows, 1, Q, K] boolean mask (True = may attend) of the ``queries`` x ``keys`` block of the layout (default:

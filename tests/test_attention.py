@@ -1,4 +1,6 @@
-"""tiled_sdpa (trainers/attention.py) equals dense masked SDPA: tiles, values, gradients, and its fallbacks."""
+"""The attention paths of the packed layout equal dense masked SDPA: tiled_sdpa (tiles, values, gradients,
+fallbacks), flex (its block table and forward on CPU; gradients on CUDA) and FlashAttention varlen (its boundaries
+and transformers' varlen glue, with a reference varlen function in place of the kernel)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.data.collate import Collator, attention_mask
 from tunelab.data.contract import Needs
-from tunelab.trainers import attention
+from tunelab.trainers import attention, flex
 from tunelab.trainers.attention import query_tiles
+from tunelab.trainers.flash_varlen import varlen_boundaries, varlen_inputs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 
 
@@ -112,13 +115,14 @@ def test_tiled_sdpa_is_not_written_into_exported_configs(tmp_path):
     assert "tiled_sdpa" not in (tmp_path / "config.json").read_text()
 
 
-def test_attention_that_cannot_take_the_document_mask_is_refused_by_name():
+def test_attention_that_cannot_take_the_document_ids_is_refused_by_name():
     from conftest import make_cfg
 
     from tunelab.trainers.models import build_model, tiny_tokenizer
 
-    cfg = make_cfg(["model.attn_implementation=flash_attention_2"]).model
-    with pytest.raises(ValueError, match="model.attn_implementation='flash_attention_2'.*tiled_sdpa, sdpa, eager"):
+    cfg = make_cfg(["model.attn_implementation=flash_attention_3"]).model
+    with pytest.raises(ValueError, match="model.attn_implementation='flash_attention_3'.*"
+                                         "tiled_sdpa, flex, flash_attention_2, sdpa, eager"):
         build_model(cfg, tiny_tokenizer(), seed=0)
 
 
@@ -147,3 +151,173 @@ def test_eager_attention_gets_the_layout_mask_in_its_additive_form():
             expected = CausalLMWithLogProbs(dense, chunk_size=7)(batch, Needs()).token_logps
             got = CausalLMWithLogProbs(eager, chunk_size=7)(batch, Needs()).token_logps
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- flex ------------------------------------------------------------------------------------------------------
+def layouts():
+    """Every layout the collator builds, with rows longer than a few flex blocks: packed SFT, unshared pairs,
+    shared-prompt pairs, the unpaired (KTO) layout, and one document a row (padding)."""
+    g = torch.Generator().manual_seed(5)
+    rand = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()  # noqa: E731
+    sft = [{"input_ids": rand(n), "target_mask": [0] * p + [1] * (n - p)}
+           for n, p in [(70, 20), (33, 3), (90, 40), (12, 2), (51, 30)]]
+    shapes = [(20, 14, 30), (7, 25, 6), (31, 9, 12), (5, 16, 16)]
+    pairs = [{"prompt_ids": rand(p), "chosen_ids": rand(c), "rejected_ids": rand(r)} for p, c, r in shapes]
+    unpaired = [{"prompt_ids": rand(p), "completion_ids": rand(c), "mismatched_ids": rand(r), "label": i % 2 == 0}
+                for i, (p, c, r) in enumerate(shapes)]
+    return {
+        "packed_sft": Collator("sft", packing=True, shared_prompt=True, row_length=130)(sft),
+        "unshared_pairs": Collator("pairs", packing=True, shared_prompt=False, row_length=120)(pairs),
+        "shared_prompt_pairs": Collator("pairs", packing=True, shared_prompt=True, row_length=100)(pairs),
+        "unpaired": Collator("unpaired", packing=True, shared_prompt=True, row_length=100)(unpaired),
+        "padding": Collator("sft", packing=False, shared_prompt=True, row_length=130)(sft),
+    }
+
+
+@pytest.mark.parametrize("block", [4, 16, 64])
+@pytest.mark.parametrize("name", list(layouts()))
+def test_flex_block_table_covers_every_visible_key_and_its_full_blocks_hide_none(name, block):
+    batch = layouts()[name]
+    dense = attention_mask(batch.doc_ids, batch.branch_ids)[:, 0]
+    length = dense.shape[-1]
+    pad = -length % block
+    blocks = torch.nn.functional.pad(dense, (0, pad, 0, pad)).unflatten(1, (-1, block)).unflatten(3, (-1, block))
+    visible_any = blocks.any(dim=(2, 4))  # [rows, nq, nk]
+    visible_all = blocks.all(dim=(2, 4))
+    partial, full = flex.block_tables(batch.doc_ids, batch.branch_ids, block)
+    assert not (partial & full).any()
+    assert not (visible_any & ~(partial | full)).any()  # an empty block holds no visible key
+    assert not (full & ~visible_all).any()  # a full block skips the mask: every key in it must be visible
+    assert full.any() or block == 64  # the full-block path is exercised
+    # blocks are skipped: fewer computed than the causal half (on the packed layouts, where documents are short)
+    computed = int((partial | full).sum())
+    n = partial.shape[-1]
+    assert computed <= partial.shape[0] * n * (n + 1) // 2
+    if name == "packed_sft" and block == 4:
+        assert computed < 0.6 * partial.shape[0] * n * (n + 1) // 2
+
+
+@pytest.mark.parametrize("block", [16, 128])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])  # 2: grouped-query attention (enable_gqa)
+def test_flex_forward_equals_dense_sdpa_on_every_layout(block, num_kv_heads, monkeypatch):
+    """CPU: forward only (torch 2.13 has no flex backward on CPU). The tolerance is float32 summation-order noise:
+    the same scores and softmax as dense SDPA, accumulated in another order (measured ~5e-7 on these rows)."""
+    monkeypatch.setattr(flex, "BLOCK", block)
+    dense, flexed = model_pair(num_kv_heads, "flex")
+    calls = []
+    kernel = flex.flex_attention
+    monkeypatch.setattr(flex, "flex_attention", lambda *a, **k: calls.append(k["block_mask"]) or kernel(*a, **k))
+    for name, batch in layouts().items():
+        with torch.no_grad():
+            expected = CausalLMWithLogProbs(dense, chunk_size=7)(batch, Needs())
+            got = CausalLMWithLogProbs(flexed, chunk_size=7)(batch, Needs())
+        assert len(calls) == 2 and calls[0].BLOCK_SIZE == (block, block), name  # flex ran in both layers
+        calls.clear()
+        torch.testing.assert_close(got.token_logps, expected.token_logps, atol=2e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got.seq_logps, expected.seq_logps, atol=1e-4, rtol=1e-5, msg=name)
+
+
+def test_flex_refuses_a_cpu_training_forward_and_attention_dropout():
+    _, flexed = model_pair(2, "flex")
+    batch = layouts()["shared_prompt_pairs"]
+    with pytest.raises(NotImplementedError, match="flex trains only on CUDA.*tiled_sdpa"):
+        CausalLMWithLogProbs(flexed, chunk_size=7)(batch, Needs())
+    for layer in flexed.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    flexed.train()
+    with torch.no_grad(), pytest.raises(ValueError, match="attention dropout 0.1"):
+        CausalLMWithLogProbs(flexed, chunk_size=7)(batch, Needs())
+
+
+def test_flex_generation_falls_back_to_plain_sdpa():
+    dense, flexed = model_pair(2, "flex")
+    prompt = torch.tensor([[5, 9, 11, 3], [0, 0, 7, 8]])
+    kwargs = dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), max_new_tokens=5, do_sample=False,
+                  pad_token_id=0)
+    assert torch.equal(flexed.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention's backward runs only on CUDA (torch 2.13)")
+def test_flex_gradients_equal_dense_sdpa_on_cuda():
+    dense, flexed = (m.cuda() for m in model_pair(2, "flex"))
+    for name, batch in layouts().items():
+        batch = batch.to("cuda")
+        grads = []
+        for model in (dense, flexed):
+            model.zero_grad()
+            out = CausalLMWithLogProbs(model, chunk_size=7)(batch, Needs())
+            (out.seq_logps * torch.linspace(1, 2, len(out.seq_logps), device="cuda")).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ---- FlashAttention varlen -------------------------------------------------------------------------------------
+def test_varlen_boundaries_by_hand():
+    # row 0: documents of 3 and 2 positions, then 2 padding; row 1: a document of 4, one of 2, 1 padding
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [2, 2, 2, 2, 3, 3, -1]])
+    cu, longest = varlen_boundaries(doc_ids)
+    assert cu.tolist() == [0, 3, 5, 6, 7, 11, 13, 14] and cu.dtype == torch.int32 and longest == 4
+    # the same document id continuing into the next row is still a new sequence there
+    cu, longest = varlen_boundaries(torch.tensor([[4, 4, 4], [4, 4, 5]]))
+    assert cu.tolist() == [0, 3, 5, 6] and longest == 3
+
+
+@pytest.mark.parametrize("name", ["packed_sft", "unshared_pairs", "padding"])
+def test_varlen_sequences_are_the_documents_and_position_ids_restart_in_each(name):
+    batch = layouts()[name]
+    kwargs = varlen_inputs(batch.doc_ids, batch.branch_ids)
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    positions, docs = batch.position_ids.reshape(-1), batch.doc_ids.reshape(-1)
+    for start, end in zip(cu, cu[1:]):
+        assert positions[start:end].tolist() == list(range(end - start))  # what the rotary embedding needs
+        assert len(set(docs[start:end].tolist())) == 1
+    real = [d for d in docs.tolist() if d >= 0]  # each document is exactly one sequence
+    n_docs = sum(1 for i, d in enumerate(real) if i == 0 or d != real[i - 1])
+    assert len(cu) - 1 == n_docs + int((docs < 0).sum())
+    assert kwargs["attention_mask"] is None and kwargs["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+
+
+@pytest.mark.parametrize("name", ["shared_prompt_pairs", "unpaired"])
+def test_varlen_refuses_shared_prompt_layouts_and_points_to_flex(name):
+    batch = layouts()[name]
+    with pytest.raises(ValueError, match="shared-prompt layout.*attn_implementation=flex.*shared_prompt=false"):
+        varlen_inputs(batch.doc_ids, batch.branch_ids)
+
+
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract on CPU: [tokens, H, D] in, each cu_seqlens segment attended on its own."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and causal and dropout_p == 0.0
+    assert max_seqlen_q == int(cu_seqlens_q.diff().max())
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:]):
+        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            *seg, is_causal=True, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("name", ["packed_sft", "unshared_pairs", "padding"])
+def test_flash_varlen_glue_with_a_reference_kernel_equals_dense_sdpa(name, monkeypatch):
+    """transformers' own flash_attention_2 path, fed our boundaries, with ``reference_varlen`` standing in for the
+    kernel: checks what reaches the kernel and the model's log-probs, not the CUDA kernel itself."""
+    import transformers.modeling_flash_attention_utils as fa
+
+    seen = []
+
+    def kernel(*args, **kwargs):
+        seen.append(kwargs["cu_seqlens_q"])
+        return reference_varlen(*args, **kwargs)
+
+    process = fa._lazy_define_process_function(reference_varlen)
+    monkeypatch.setattr(fa, "lazy_import_flash_attention",
+                        lambda *a, **k: ((None, kernel, None, None, None), (process, dict)))
+    dense, flash = model_pair(2, "sdpa")
+    flash.config._attn_implementation = "flash_attention_2"  # flash_attn is not installed: the kernel is patched
+    batch = layouts()[name]
+    with torch.no_grad():
+        expected = CausalLMWithLogProbs(dense, chunk_size=7)(batch, Needs()).token_logps
+        got = CausalLMWithLogProbs(flash, chunk_size=7)(batch, Needs()).token_logps
+    assert len(seen) == 2 and all(torch.equal(s, varlen_boundaries(batch.doc_ids)[0]) for s in seen)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)

@@ -14,7 +14,10 @@ keywords, which transformers forwards to the attention function. Measured in doc
 
 Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any call
 without the layout (generation with a cache, a plain forward) runs plain SDPA on the mask it is given.
-``layout_mask`` gives the other implementations the dense mask in the form each takes (eager adds it to the scores).
+
+``layout_inputs`` is where every implementation gets the layout in the form it takes: tiled_sdpa the ids and tiles,
+``flex`` a block mask built from the ids (trainers/flex.py), ``flash_attention_2`` the documents' varlen boundaries
+(trainers/flash_varlen.py), ``sdpa`` and ``eager`` the dense mask (``layout_mask``; eager adds it to the scores).
 """
 
 from __future__ import annotations
@@ -26,27 +29,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tunelab.data import collate
 from tunelab.trainers.config_schema import TrainConfig
+from tunelab.trainers.flash_varlen import FLASH, varlen_inputs
+from tunelab.trainers.flex import FLEX, layout_block_mask
 
 TILED_SDPA = "tiled_sdpa"
-# The implementations that can take the packed layout: tiled_sdpa from its ids, the others as a dense mask.
-LAYOUT_ATTENTION = (TILED_SDPA, "sdpa", "eager")
+# The implementations that can take the packed layout: from its ids (tiled_sdpa, flex, flash), or a dense mask.
+LAYOUT_ATTENTION = (TILED_SDPA, FLEX, FLASH, "sdpa", "eager")
 DEFAULT_TILE = TrainConfig.attention_tile
-
-
-def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[rows, L] the first position of each position's document (the first key it may see); padding: itself."""
-    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    first = torch.ones_like(doc_ids, dtype=torch.bool)
-    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    starts = torch.where(first, positions, torch.zeros_like(positions)).cummax(dim=1).values
-    return torch.where(doc_ids >= 0, starts, positions)
 
 
 def query_tiles(doc_ids: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[int, int, int]]:
     """(first query, end query, first key) per tile of the rows' positions; keys end at the tile's end (causal).
     The first key is the smallest any query of the tile sees in any row: its earliest document's start."""
     rows, length = doc_ids.shape
-    starts = document_starts(doc_ids)
+    starts = collate.document_starts(doc_ids)
     padded = torch.nn.functional.pad(starts, (0, -length % tile), value=length)
     first_keys = padded.view(rows, -1, tile).amin(dim=(0, 2)).tolist()  # one device sync for all tiles
     return [(q0, min(q0 + tile, length), k0) for q0, k0 in zip(range(0, length, tile), first_keys)]
@@ -58,6 +54,21 @@ def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> 
     if implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def layout_inputs(doc_ids: torch.Tensor, branch_ids: torch.Tensor, implementation: str, tile: int,
+                  dtype: torch.dtype) -> dict:
+    """Keywords of the model body's forward that carry the packed layout to ``implementation``'s attention."""
+    if implementation == TILED_SDPA:
+        # the ids travel to the attention as keywords; the 4D placeholder stops transformers from building an
+        # L x L mask of its own (it passes a 4D mask through untouched, and tiled_sdpa does not read it)
+        return {"attention_mask": doc_ids.new_ones((1, 1, 1, 1), dtype=torch.bool),
+                "layout_ids": (doc_ids, branch_ids), "attention_tiles": query_tiles(doc_ids, tile)}
+    if implementation == FLEX:  # a BlockMask is 4D too, so transformers passes it through as well
+        return {"attention_mask": layout_block_mask(doc_ids, branch_ids)}
+    if implementation == FLASH:
+        return varlen_inputs(doc_ids, branch_ids)
+    return {"attention_mask": layout_mask(collate.attention_mask(doc_ids, branch_ids), implementation, dtype)}
 
 
 def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, layout_ids=None,

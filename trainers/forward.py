@@ -24,9 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.data.collate import attention_mask
 from tunelab.data.contract import TOKEN_STATISTICS, Batch, ForwardOutputs, Needs
-from tunelab.trainers.attention import DEFAULT_TILE, TILED_SDPA, layout_mask, query_tiles
+from tunelab.trainers.attention import DEFAULT_TILE, layout_inputs
 from tunelab.trainers.config_schema import TrainConfig
 
 # Probabilities kept from the forward for the backward (instead of recomputing those chunks' logits), per call.
@@ -297,16 +296,8 @@ class CausalLMWithLogProbs(nn.Module):
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        if implementation == TILED_SDPA:
-            # the ids travel to the attention as keywords; the 4D placeholder stops transformers from building an
-            # L x L mask of its own (it passes a 4D mask through untouched, and tiled_sdpa does not read it)
-            layout = {"attention_mask": batch.doc_ids.new_ones((1, 1, 1, 1), dtype=torch.bool),
-                      "layout_ids": (batch.doc_ids, batch.branch_ids),
-                      "attention_tiles": query_tiles(batch.doc_ids, self.attention_tile)}
-        else:
-            dense = attention_mask(batch.doc_ids, batch.branch_ids)
-            layout = {"attention_mask": layout_mask(dense, implementation,
-                                                    self.model.get_input_embeddings().weight.dtype)}
+        layout = layout_inputs(batch.doc_ids, batch.branch_ids, implementation, self.attention_tile,
+                               self.model.get_input_embeddings().weight.dtype)
         hidden = body(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,

