@@ -1,6 +1,8 @@
 """The attention paths of the packed layout equal dense masked SDPA: tiled_sdpa (tiles, values, gradients,
 fallbacks), flex (its block table and forward on CPU; gradients on CUDA) and FlashAttention varlen (its boundaries
-and transformers' varlen glue, with a reference varlen function in place of the kernel)."""
+and transformers' varlen glue, with a reference varlen function in place of the kernel); the config check refuses
+the GPU-only kernels (flex training, FlashAttention, Liger) where they cannot run, and model.liger patches the
+model with Liger's body kernels only."""
 
 from __future__ import annotations
 
@@ -321,3 +323,52 @@ def test_flash_varlen_glue_with_a_reference_kernel_equals_dense_sdpa(name, monke
         got = CausalLMWithLogProbs(flash, chunk_size=7)(batch, Needs()).token_logps
     assert len(seen) == 2 and all(torch.equal(s, varlen_boundaries(batch.doc_ids)[0]) for s in seen)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+# ---- what the config check refuses, and Liger's patching ------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["model.liger=true"], "model.liger=true needs a CUDA GPU"),
+    (["model.attn_implementation=flex"], "flex trains only on CUDA"),
+    (["model.attn_implementation=flash_attention_2"], "flash_attention_2 needs a CUDA GPU and the flash-attn"),
+])
+def test_gpu_only_kernels_are_refused_at_config_check_without_cuda(overrides, message, monkeypatch):
+    from conftest import make_cfg
+
+    from tunelab.trainers.config_check import ConfigError, check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_config(make_cfg([]))  # the defaults run anywhere
+    with pytest.raises(ConfigError, match=message):
+        check_config(make_cfg(overrides))
+
+
+def test_liger_without_its_package_names_it(monkeypatch):
+    import importlib.util
+
+    from tunelab.trainers import liger
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert liger.liger_problem() == "model.liger=true needs the liger-kernel package: pip install liger-kernel"
+
+
+def test_liger_patches_the_body_kernels_and_not_its_losses(monkeypatch):
+    """liger-kernel is not installed here (it needs triton): a stand-in module records what build_model asks of it."""
+    import sys
+    import types
+
+    from conftest import make_cfg
+
+    from tunelab.trainers.models import build_model, tiny_tokenizer
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}
+    fake._apply_liger_kernel_to_instance = lambda model, **kwargs: calls.append((model.config.model_type, kwargs))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    build_model(make_cfg(["model.liger=true"]).model, tiny_tokenizer(), seed=0)
+    assert calls == [("llama", {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                "fused_linear_cross_entropy": False})]
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"qwen2": None}
+    with pytest.raises(ValueError, match="no kernels for model type 'llama'"):
+        build_model(make_cfg(["model.liger=true"]).model, tiny_tokenizer(), seed=0)

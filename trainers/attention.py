@@ -22,6 +22,8 @@ without the layout (generation with a cache, a plain forward) runs plain SDPA on
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -54,6 +56,17 @@ def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> 
     if implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def attention_problem(implementation: str) -> str | None:
+    """Why ``model.attn_implementation=implementation`` cannot train on this machine, or None."""
+    if implementation == FLEX and not torch.cuda.is_available():
+        return (f"model.attn_implementation=flex trains only on CUDA: torch {torch.__version__} has no flex "
+                "attention backward on CPU; use tiled_sdpa here (trainers/flex.py)")
+    if implementation == FLASH and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        return (f"model.attn_implementation={FLASH} needs a CUDA GPU and the flash-attn package (pip install "
+                "flash-attn); tiled_sdpa or flex take the same layouts without it")
+    return None
 
 
 def layout_inputs(doc_ids: torch.Tensor, branch_ids: torch.Tensor, implementation: str, tile: int,

@@ -20,7 +20,9 @@ from omegaconf.errors import InterpolationResolutionError
 
 import tunelab.data.pipeline  # noqa: F401  (imports every module that registers a data.ordering)
 from tunelab.data.sampler import ORDERINGS
+from tunelab.trainers.attention import attention_problem
 from tunelab.trainers.config_schema import RunConfig
+from tunelab.trainers.liger import liger_problem
 from tunelab.trainers.models import DTYPES
 from tunelab.trainers.optim import OPTIMIZERS, SCHEDULERS
 from tunelab.trainers.tracking import TRACKERS
@@ -176,8 +178,17 @@ def _rounds_are_complete(cfg) -> str | None:
     return "; ".join(problems) or None
 
 
+def _kernels_run_here(cfg) -> str | None:
+    """The attention implementation and Liger's kernels need what this machine may lack (CUDA, a package)."""
+    problems = [attention_problem(OmegaConf.select(cfg, "model.attn_implementation", default="tiled_sdpa"))]
+    if OmegaConf.select(cfg, "model.liger", default=False):
+        problems.append(liger_problem())
+    return "; ".join(p for p in problems if p) or None
+
+
 # checks that involve several keys; each returns a message or None
-JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_batch_sizes_divide, _latest_needs_a_run, _recommended_is_valid,
+JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_kernels_run_here, _batch_sizes_divide, _latest_needs_a_run,
+                                                        _recommended_is_valid,
                                                         _updated_reference_is_a_copy, _rounds_are_complete)
 
 

@@ -80,8 +80,11 @@ class ModelConfig:
     dtype: str = option("float32", "compute precision the weights load in (float32 | bfloat16 | float16)")
     master_weights: str = option("fp32", "fp32: trainable weights kept in float32; none: in model.dtype with "
                                  "Kahan-summation updates (bfloat16 only). docs/distributed.md, Precision")
-    attn_implementation: str = option("tiled_sdpa", "tiled_sdpa | sdpa | eager: the packed layout's document "
-                                      "masks need one of these (trainers/attention.py)")
+    attn_implementation: str = option("tiled_sdpa", "tiled_sdpa | flex (CUDA for training) | flash_attention_2 "
+                                      "(CUDA, flash-attn; no shared-prompt layouts) | sdpa | eager: those that "
+                                      "take the packed layout's ids (trainers/attention.py)")
+    liger: bool = option(False, "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU, not its losses (CUDA; "
+                         "trainers/liger.py; Hsu et al. 2024, arXiv 2410.10989)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     load_in_4bit: bool = option(False, "QLoRA: 4-bit base weights (bitsandbytes, GPU) with lora.enabled=true")
     recommended: RecommendedConfig = block(RecommendedConfig, "what depends on the model; set by each model config")

