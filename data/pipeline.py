@@ -7,7 +7,9 @@ seeded half, 2.0 repeats it twice); split off eval rows (a source's own ``eval_s
 prompt masking; drop and count bad or over-long rows; then run the data stages the recipe names (e.g. SFTMix
 confidence split, MCTune controls). Every dropped row is counted under the kind of its problem (``RowError.kind``,
 an unreadable line's kind, ``identical responses``, ``too long``), with one example of each kind; the kinds'
-counts add up to the rows dropped.
+counts add up to the rows dropped. A column of the source rows that the loss names in ``Needs.columns`` (e.g. the
+``chosen_reward`` / ``rejected_reward`` of an on-policy pairs file, which the ``optune`` pair weighting reads) is
+kept on the examples, NaN for a source that lacks it.
 """
 
 from __future__ import annotations
@@ -142,11 +144,11 @@ def _drop_identical_pairs(ds, spec, data_cfg, counts: DataCounts, split: str):
     return ds.select([i for i, is_same in enumerate(same) if not is_same]) if dropped else ds
 
 
-def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: DataCounts, split: str):
+def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: DataCounts, split: str, keep=frozenset()):
     fmt = spec.format
     if kind in ("pairs", "unpaired"):
         ds = _drop_identical_pairs(ds, spec, data_cfg, counts, split)
-    columns = [c for c in ds.column_names if c not in ("_source", "_row")]
+    columns = [c for c in ds.column_names if c not in ("_source", "_row") and c not in keep]
     ds = ds.map(
         tokenize_row,
         fn_kwargs=dict(kind=kind, fmt=fmt, template=template, tokenizer=tokenizer, data_cfg=data_cfg),
@@ -169,6 +171,19 @@ def _tokenize(ds, spec, kind, template, tokenizer, data_cfg, counts: DataCounts,
         _count_by_kind(long_rows, [TOO_LONG] * len(long_rows), spec, split, counts)
     counts.update({f"{split}/{k}": v for k, v in status.items()})
     return ds.filter(lambda r: r["status"] in ("ok", "truncated")).remove_columns(["status", "error", "error_kind"])
+
+
+def _with_loss_columns(parts: list, columns) -> list:
+    """The sources' examples with every loss column that any source kept (NaN where a source lacks it), so that
+    they concatenate."""
+    kept = sorted({name for part in parts for name in part.column_names if name in columns})
+    out = []
+    for part in parts:
+        for name in kept:
+            if name not in part.column_names:
+                part = part.add_column(name, [float("nan")] * len(part))
+        out.append(part)
+    return out
 
 
 def _count_by_kind(dropped, kinds: list[str], spec, split: str, counts: DataCounts) -> None:
@@ -194,9 +209,10 @@ def _count_unreadable(lines, split: str, counts: DataCounts) -> None:
                     next(f"{line.where}: {line.reason}" for line in lines if line.kind == kind))
 
 
-def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
+def build_datasets(data_cfg, tokenizer, kind: str, seed: int, columns=frozenset()):
     """Returns (train, eval or None, counts). ``kind`` is 'sft', 'pairs' or 'unpaired' (what the loss needs;
-    unpaired examples come from data/unpaired.py, each with its mismatched completion)."""
+    unpaired examples come from data/unpaired.py, each with its mismatched completion). ``columns``: the loss's
+    ``Needs.columns``; those the source rows hold are kept on the examples."""
     expand_short_form(data_cfg)
     validate_data_config(data_cfg, kind)
     if data_cfg.on_error not in ("raise", "skip"):
@@ -216,11 +232,12 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int):
         for stage, options in stages_at("rows", data_cfg.get("stages")):
             rows = stage(rows, split="train", seed=seed + i, **options)
             eval_rows = stage(eval_rows, split="eval", seed=seed + i, **options) if eval_rows is not None else None
-        train_parts.append(_tokenize(rows, spec, kind, template, tokenizer, data_cfg, counts, "train"))
+        keep = frozenset(columns) & set(rows.column_names)
+        train_parts.append(_tokenize(rows, spec, kind, template, tokenizer, data_cfg, counts, "train", keep))
         if eval_rows is not None:
-            eval_parts.append(_tokenize(eval_rows, spec, kind, template, tokenizer, data_cfg, counts, "eval"))
-    train = datasets.concatenate_datasets(train_parts)
-    evaluation = datasets.concatenate_datasets(eval_parts) if eval_parts else None
+            eval_parts.append(_tokenize(eval_rows, spec, kind, template, tokenizer, data_cfg, counts, "eval", keep))
+    train = datasets.concatenate_datasets(_with_loss_columns(train_parts, columns))
+    evaluation = datasets.concatenate_datasets(_with_loss_columns(eval_parts, columns)) if eval_parts else None
     if kind == "unpaired":
         train = unpaired_examples(train, seed, data_cfg.max_length)
         evaluation = unpaired_examples(evaluation, seed, data_cfg.max_length, split="eval")

@@ -99,6 +99,13 @@ RULES: tuple[Rule, ...] = (
     Rule("rounds.pairs", _choices("best_worst", "gold_vs_generated"), one_of("best_worst", "gold_vs_generated")),
     Rule("rounds.reference", _choices("round_start", "initial", "none"), one_of("round_start", "initial", "none")),
     Rule("rounds.backend", _choices("transformers", "vllm"), one_of("transformers", "vllm")),
+    Rule("online.samples_per_prompt", "an integer >= 2 (a pair needs two samples)", integer_at_least(2)),
+    Rule("online.max_new_tokens", "an integer > 0", integer_at_least(1)),
+    Rule("online.batch_size", "an integer > 0", integer_at_least(1)),
+    Rule("online.temperature", "a number > 0 (0 would sample one greedy answer twice: every pair a tie)",
+         lambda v: _is_number(v) and v > 0),
+    Rule("online.top_p", "a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
+    Rule("online.reward_dtype", _choices(*DTYPES), one_of(*DTYPES)),
     Rule("train.trackers", "a list of any of " + ", ".join(TRACKERS) + " (or null)",
          lambda v: v is None or (OmegaConf.is_list(v) or isinstance(v, list)) and all(n in TRACKERS for n in v)),
 )
@@ -186,10 +193,39 @@ def _kernels_run_here(cfg) -> str | None:
     return "; ".join(p for p in problems if p) or None
 
 
+def _online_is_servable(cfg) -> str | None:
+    """Online pairs exist only once their step draws them: the loss must be pairwise, the reference live, and a
+    reward model must label the samples."""
+    if not OmegaConf.select(cfg, "online.enabled", default=False):
+        return None
+    from tunelab.losses import build_loss
+
+    problems = []
+    if not OmegaConf.select(cfg, "online.reward_model"):
+        problems.append("online.enabled=true needs online.reward_model (a sequence-classification model directory, "
+                        "e.g. the export/ of a recipe=reward run) to label the sampled responses")
+    needs = build_loss(cfg.loss, cfg.get("pair_weighting")).needs
+    if not needs.pairs or needs.unpaired:
+        problems.append(f"online.enabled=true trains on sampled pairs, so the loss must be pairwise (dpo, simpo, ...); "
+                        f"the recipe's loss terms {', '.join(cfg.loss)} need {needs.layout} data")
+    strategy = OmegaConf.select(cfg, "reference.strategy")
+    lora = bool(OmegaConf.select(cfg, "model.lora.enabled"))
+    if needs.reference and (strategy == "precomputed" or (strategy == "auto" and not lora)):
+        shown = "auto (precomputed without LoRA)" if strategy == "auto" else strategy
+        problems.append(f"online.enabled=true with reference.strategy={shown}: precomputed log-probs exist only for "
+                        "examples known before training, not for pairs sampled during it; set "
+                        "reference.strategy=frozen_copy (or adapter_disabled with LoRA)")
+    if OmegaConf.select(cfg, "rounds.count", default=0):
+        problems.append("online.enabled=true and rounds.count > 0 are two ways of generating the training pairs; "
+                        "choose one")
+    return "; ".join(problems) or None
+
+
 # checks that involve several keys; each returns a message or None
 JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_kernels_run_here, _batch_sizes_divide, _latest_needs_a_run,
                                                         _recommended_is_valid,
-                                                        _updated_reference_is_a_copy, _rounds_are_complete)
+                                                        _updated_reference_is_a_copy, _rounds_are_complete,
+                                                        _online_is_servable)
 
 
 def check_config(cfg) -> None:

@@ -156,6 +156,22 @@ class TrainConfig:
 
 
 @dataclass
+class OnlineConfig:
+    enabled: bool = option(False, "online preference learning (Guo et al. 2024, arXiv 2402.04792): each step's "
+                           "pairs are sampled from the current policy and labelled by online.reward_model "
+                           "(trainers/online.py); prompts from the data config")
+    reward_model: str | None = option(None, "sequence-classification reward model (a directory or hub id, e.g. a "
+                                      "recipe=reward run's export/) that labels the samples")
+    reward_dtype: str = option("float32", "dtype the reward model loads in")
+    samples_per_prompt: int = option(2, "responses sampled per prompt; best vs worst form the pair (2: OAIF samples "
+                                     "two per prompt, Guo et al. 2024)")
+    temperature: float = option(1.0, "sampling temperature (1: the policy's own distribution, what on-policy means)")
+    top_p: float = option(1.0, "nucleus sampling mass (1: no truncation of the policy's distribution)")
+    max_new_tokens: int = option(64, "new tokens per sample at most (tiny default; raise for real models)")
+    batch_size: int = option(8, "sequences per generation and per reward-model forward")
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = option(True, "write the final model for inference")
     merge_lora: bool = option(True, "LoRA runs: also write the base model with the adapter merged in")
@@ -193,12 +209,14 @@ class RunConfig:
     seed: int = option(42, "seed of data order, initialisation and sampling")
     resume: str | None = option(None, "null | auto | latest | <checkpoint dir> (docs/failure_behaviour.md)")
     loss: dict[str, Any] = option({}, "set by the recipe: {<loss name>: {<options>, weight}}; options below")
-    pair_weighting: Any = option(None, "null | {name: wpo, alignment: sampled|greedy}")
+    pair_weighting: Any = option(None, "null | {name: wpo, alignment: sampled|greedy} | {name: optune, form: "
+                                 "margin|probability|linear, temperature: 1.0}")
     sftmix: Any = option(None, "SFTMix stage-2 settings (recipes/recipe/sftmix_objective.yaml)")
     data: dict[str, Any] = option({}, "the data config (recipes/data/, docs/data_formats.md); free keys")
     model: ModelConfig = block(ModelConfig, "the model (recipes/model/)")
     reference: ReferenceConfig = block(ReferenceConfig, "reference log-probs for losses that need them")
     train: TrainConfig = block(TrainConfig, "optimisation, evaluation, logging and checkpoints")
+    online: OnlineConfig = block(OnlineConfig, "online DPO: fresh pairs from the policy every step; off by default")
     export: ExportConfig = block(ExportConfig, "the final model written at the end")
     rounds: RoundsConfig = block(RoundsConfig, "iterative rounds (iterative DPO/SimPO, SPIN); count 0 = off")
 

@@ -47,6 +47,7 @@ from tunelab.trainers.input_noise import InputNoise
 from tunelab.trainers.interrupt import StopRequest, TrainingInterrupted
 from tunelab.trainers.metrics import MetricAccumulator
 from tunelab.trainers.models import build_model, build_tokenizer
+from tunelab.trainers.online import OnlineSource, prompt_dataset
 from tunelab.trainers.optim import build_optimizer, build_scheduler
 from tunelab.trainers.precision import resolve_precision
 from tunelab.trainers.reference import Reference
@@ -75,6 +76,19 @@ class StepResult:
     tokens: int  # tokens in the step's rows on all ranks, prompts included and padding not
     metrics: MetricAccumulator  # this rank's unreduced metric sums, merged into the logging interval's
     skipped: bool  # the loss or gradient norm was non-finite and train.on_nonfinite=skip: no update was applied
+
+
+class OfflineSource:
+    """Each step's batches from a fixed dataset: the drawn examples, collated (the online source, trainers/online.py,
+    samples them from the policy instead)."""
+
+    metrics: dict[str, Metric] = {}  # nothing to add to a step's metrics
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, step: int, micro: list[list[int]], dataset, policy) -> list[Batch]:
+        return [self.collator([dataset[i] for i in idx]) for idx in micro]
 
 
 class RunDirError(FileExistsError):
@@ -167,13 +181,18 @@ class Trainer:
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"), resolve=True)
 
         self.tokenizer = build_tokenizer(cfg.model)
+        online = cfg.online.enabled  # online: the data config gives prompts, and each step samples its pairs
         with acc.main_process_first():
-            train_ds, eval_ds, self.data_counts = build_datasets(cfg.data, self.tokenizer, self.kind, cfg.seed)
+            train_ds, eval_ds, self.data_counts = (prompt_dataset if online else build_datasets)(
+                cfg.data, self.tokenizer, self.kind, cfg.seed, columns=self.needs.columns)
         check_same_data_on_every_rank({"train": train_ds, "eval": eval_ds})
         self.collator = Collator(
             self.kind, packing=cfg.data.packing, shared_prompt=cfg.data.shared_prompt, row_length=cfg.data.max_length,
             columns=sorted(self.needs.columns),
         )
+        # where each step's batches come from: the drawn examples collated, or pairs sampled from the policy
+        self.batch_source = (OnlineSource(cfg, self.tokenizer, self.collator, acc, self.output_dir) if online
+                             else OfflineSource(self.collator))
         model = self.precision.prepare_model(
             build_model(cfg.model, self.tokenizer, cfg.seed, sequence_scores=self.needs.sequence_scores))
         self.reference = None
@@ -219,7 +238,7 @@ class Trainer:
         acc = self.accelerator
         groups = micro_batches(order, in_epoch, self.cfg.train.global_batch_size, acc.process_index,
                                acc.num_processes, self.cfg.train.micro_batch_size)
-        return [self.collator([self.train_ds[i] for i in idx]) for idx in groups]
+        return self.batch_source(step, groups, self.train_ds, self.policy)
 
     def _global_counts(self, batches: list[Batch]) -> dict[str, float]:
         units = sorted(batches[0].counts)
@@ -239,9 +258,12 @@ class Trainer:
     def train_step(self) -> StepResult:
         """Run optimizer step ``self.step + 1`` (or skip it, see StepResult.skipped) and advance ``self.step``."""
         acc = self.accelerator
+        started = time.perf_counter()
         batches = self._step_batches(self.step)
+        batches_done = time.perf_counter()
         counts = self._global_counts(batches)
         accum = MetricAccumulator()
+        accum.add(self.batch_source.metrics)
         accum.add_units({u: c / acc.num_processes for u, c in counts.items()})
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = 0
@@ -284,6 +306,8 @@ class Trainer:
             if self.loss_set.stateful:
                 self.loss_set.after_step(accum.reduce(acc))
         self.optimizer.zero_grad(set_to_none=True)
+        accum.add({"time/batches_s": Metric(batches_done - started),  # online: sampling and labelling the pairs
+                   "time/train_s": Metric(time.perf_counter() - batches_done)})  # forward, backward, update
         self.step += 1
         if self.reference is not None:
             self.reference.after_step(self.step, self.policy)
