@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from tests.conftest import make_cfg, read_metrics
+from tests.conftest import ROOT, make_cfg, read_metrics, two_process_launch
 from tests.test_preference_losses import SEQS, make_out, pairs
 from tunelab.data.collate import Collator
 from tunelab.data.onpolicy import ALL_TIED, pair_row, read_jsonl
@@ -143,6 +144,43 @@ def test_tied_samples_give_no_pair_and_are_counted(reward_model, tmp_path, monke
     assert trainer.batch_source.metrics["online/tie_rate"].value == 1.0
     summary = json.loads((tmp_path / "ties" / "online" / "steps.jsonl").read_text().splitlines()[-1])
     assert summary["dropped"] == {ALL_TIED: 1} and summary["pairs"] == 3
+
+
+@pytest.mark.slow
+def test_two_processes_sample_for_their_own_prompts_and_step_as_one(reward_model, tmp_path):
+    """Each rank generates for its own micro-batches; the samples of a prompt depend on its index, not on the rank
+    that draws it, so the two ranks' files hold the one-process run's pairs and the step's loss is the same."""
+    args = [*COMMON, "online.enabled=true", f"online.reward_model={reward_model}", "data.sources.0.num_rows=24",
+            "train.max_steps=1", "train.progress_bar=false", "train.plot=false"]
+    launched = subprocess.run([*two_process_launch(), *args, f"output_dir={tmp_path / 'ddp'}"], cwd=ROOT, timeout=600,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = Trainer(online_cfg(reward_model, tmp_path / "one", "train.max_steps=1")).fit()
+    ranks = {row["index"]: row for r in (0, 1)
+             for row in read_jsonl(str(tmp_path / "ddp" / "online" / f"step_1.jsonl.rank{r}-of-2"))[0]}
+    one = {row["index"]: row for row in read_jsonl(str(tmp_path / "one" / "online" / "step_1.jsonl"))[0]}
+    assert sorted(ranks) == sorted(one)
+    for index, row in one.items():  # the same texts; the reward model's scores up to padding's rounding
+        assert (ranks[index]["chosen"], ranks[index]["rejected"]) == (row["chosen"], row["rejected"])
+        assert ranks[index]["rejected_reward"] == pytest.approx(row["rejected_reward"], abs=1e-5)
+    assert read_metrics(str(tmp_path / "ddp"))[0]["loss"] == pytest.approx(single["train_last"]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_shipped_recipe_runs_with_a_reward_model_trained_by_recipe_reward(tmp_path):
+    Trainer(make_cfg(["recipe=reward", f"output_dir={tmp_path / 'rm'}", "train.max_steps=2", "train.eval_every=0",
+                      "train.eval_at_start=false"])).fit()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    refused = make_cfg(["recipe=online_dpo"], fast=False)
+    with pytest.raises(ConfigError, match="needs online.reward_model"):
+        check_config(refused)
+    summary = Trainer(make_cfg(["recipe=online_dpo", f"online.reward_model={tmp_path / 'rm' / 'export'}",
+                                f"output_dir={tmp_path / 'online'}", "train.max_steps=2", "train.progress_bar=false",
+                                "train.plot=false", "export.enabled=false"], fast=False)).fit()
+    assert summary["steps"] == 2
+    logged = read_metrics(summary["output_dir"])
+    assert len(logged) == 2 and all(0 < m["online/pair_rate"] <= 1 and "online/reward_mean" in m for m in logged)
 
 
 @pytest.mark.parametrize("overrides, message", [
