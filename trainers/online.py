@@ -24,6 +24,9 @@ data parallelism; each rank generates for its own micro-batches), in the ``pairw
 ``train.py data.path=<file> data.format=pairwise_messages`` reads, and a summary line per step and rank (prompts,
 pairs, drops by reason, mean reward, seconds spent generating and scoring) to ``online/steps.jsonl``.
 
+Each rank samples with its whole model, so the source runs with one process, DDP or ZeRO-1/2 (ZeRO-3 and FSDP are
+refused: the ranks' generation lengths differ, and a sharded model's gathers need every rank in step).
+
 Prompts come from the data config's sources in any format that has a prompt (data/onpolicy.prompt_turns: a prompt
 string or turns, messages, alpaca instructions, any pair format); there is no eval split (the pairs of a step exist
 only once it is drawn), so evaluation is off and the run's figures are the logged online metrics.
@@ -40,6 +43,7 @@ from collections import Counter
 
 import datasets
 import torch
+from accelerate.utils import DistributedType
 
 from tunelab.data.collate import Collator
 from tunelab.data.contract import Batch
@@ -50,6 +54,7 @@ from tunelab.data.sources import load_rows
 from tunelab.data.templates import build_template, formatting_options
 from tunelab.data.tokenize import pair_example
 from tunelab.losses.base import Metric
+from tunelab.trainers.distributed import zero_stage
 from tunelab.trainers.generation import SamplingSettings, TransformersBackend, chat_text, shard_path
 from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
 
@@ -95,6 +100,11 @@ class OnlineSource:
 
     def __init__(self, cfg, tokenizer, collator: Collator, accelerator, output_dir: str):
         online = cfg.online
+        if zero_stage(accelerator) == 3 or accelerator.distributed_type == DistributedType.FSDP:
+            # each rank samples its own prompts, for as many tokens as they need, so the ranks' forwards would not
+            # line up for the collective gathers of a sharded model
+            raise ValueError("online.enabled=true samples with the whole model on each rank; it runs with one "
+                             "process, DDP or ZeRO-1/2, not with ZeRO-3 or FSDP")
         self.cfg, self.tokenizer, self.collator, self.accelerator = cfg, tokenizer, collator, accelerator
         self.seed = cfg.seed
         self.sampling = dict(num_samples=online.samples_per_prompt, temperature=online.temperature,
