@@ -106,7 +106,6 @@ class RoundsRunner:
     def __init__(self, cfg, recipe_name: str = "run"):
         self.cfg, self.recipe_name = cfg, recipe_name
         self.rounds = cfg.rounds
-        self.state = PartialState()
         loss_needs = build_loss(cfg.loss, cfg.get("pair_weighting")).needs
         if self.rounds.reference == "none" and loss_needs.reference:
             raise ValueError(f"rounds.reference=none: the loss {', '.join(cfg.loss)} needs a reference model; use "
@@ -127,6 +126,11 @@ class RoundsRunner:
                 except RowError as err:
                     raise ValueError(f"rounds.pairs=gold_vs_generated: {row['_where']}: {err}") from err
         self.progress = self.state.is_main_process and bool(cfg.train.progress_bar)
+
+    @property
+    def state(self) -> PartialState:
+        """The process state, asked afresh: each round's Trainer resets Accelerate's when it ends."""
+        return PartialState()
 
     # ---- run directory and state ---------------------------------------------------------------------------
     def _prepare_run_dir(self) -> str:
@@ -338,7 +342,6 @@ class RoundsRunner:
                                       f"the same command with output_dir={self.run_dir} resume=auto") from stopped
         finally:
             reset_accelerate()
-            self.state = PartialState()
             gc.collect()
 
     # ---- the loop ------------------------------------------------------------------------------------------
