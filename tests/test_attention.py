@@ -289,15 +289,17 @@ def test_varlen_refuses_shared_prompt_layouts_and_points_to_flex(name):
 
 def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      softmax_scale=None, causal=False):
-    """flash_attn_varlen_func's contract on CPU: [tokens, H, D] in, each cu_seqlens segment attended on its own."""
+    """flash_attn_varlen_func's contract on CPU: [tokens, H, D] in, each cu_seqlens segment attended on its own
+    (causally), here as one SDPA call under the block-diagonal mask the boundaries alone define."""
     assert torch.equal(cu_seqlens_q, cu_seqlens_k) and causal and dropout_p == 0.0
     assert max_seqlen_q == int(cu_seqlens_q.diff().max())
-    out = torch.empty_like(q)
-    for start, end in zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:]):
-        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            *seg, is_causal=True, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
-    return out
+    segment = torch.repeat_interleave(torch.arange(len(cu_seqlens_q) - 1), cu_seqlens_q.diff().long())
+    positions = torch.arange(q.shape[0])
+    mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale,
+                                                           enable_gqa=True)
+    return out.transpose(0, 1)
 
 
 @pytest.mark.parametrize("name", ["packed_sft", "unshared_pairs", "padding"])
