@@ -243,9 +243,10 @@ class RoundsRunner:
 
     def generate(self, k: int, selected: list[int]) -> str:
         out = os.path.join(self.round_dir(k), "generations.jsonl")
-        model = self.model_config(k)
-        inputs = json.dumps({"selected": selected, "model": f"{model.source}:{model.get('name_or_path') or ''}"
-                                                             f"{model.get('gguf_file') or ''}"})
+        model = self.cfg.model  # the run's own model, or the previous round's export (named relative to the run)
+        start = f"round_{k - 1}/train/export" if k else f"{model.source}:{model.get('name_or_path') or ''}" \
+                                                         f"{model.get('gguf_file') or ''}"
+        inputs = json.dumps({"selected": selected, "model": start})
         if self._matches(self._entry(k).get("generations"), inputs, out):
             return out
         rounds = self.rounds
