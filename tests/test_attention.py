@@ -374,3 +374,75 @@ def test_liger_patches_the_body_kernels_and_not_its_losses(monkeypatch):
     fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"qwen2": None}
     with pytest.raises(ValueError, match="no kernels for model type 'llama'"):
         build_model(make_cfg(["model.liger=true"]).model, tiny_tokenizer(), seed=0)
+
+
+# ---- sequence parallelism: DeepSpeed Ulysses around tiled_sdpa ------------------------------------------------
+TILED = "tiled_sdpa"
+
+
+def _ulysses_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: each runs the body over its half of the row's positions, DeepSpeed's Ulysses
+    wrapper exchanges heads for positions around tiled_sdpa (which gets the whole row's layout ids), and the
+    process writes its hidden states and its share of the gradients."""
+    import os
+
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from tunelab.trainers.attention import layout_inputs
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    _, model = model_pair(2)
+    ids, positions, doc_ids, branch_ids = ulysses_row()
+    UlyssesSPAttentionHF.register_with_transformers(model, TILED, sequence_parallel_size=2,
+                                                    micro_batch_size=ids.shape[0])
+    half = slice(rank * ids.shape[1] // 2, (rank + 1) * ids.shape[1] // 2)
+    model.train()
+    hidden = model.model(input_ids=ids[:, half], position_ids=positions[:, half], use_cache=False,
+                         **layout_inputs(doc_ids, branch_ids, TILED, 16, torch.float32)).last_hidden_state
+    hidden.sum().backward()
+    torch.save({"hidden": hidden.detach(), "grads": [p.grad for p in model.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+
+def ulysses_row():
+    """(input ids, position ids, doc ids, branch ids) of shared-prompt pairs, padded to an even length."""
+    batch = layouts()["shared_prompt_pairs"]  # branches: the rejected response must not see the chosen one
+    pad = -batch.doc_ids.shape[1] % 2
+    fills = ((batch.input_ids, 0), (batch.position_ids, 0), (batch.doc_ids, -1), (batch.branch_ids, 0))
+    return tuple(torch.nn.functional.pad(t, (0, pad), value=v) for t, v in fills)
+
+
+@pytest.mark.slow
+def test_deepspeed_ulysses_around_tiled_sdpa_equals_the_unsharded_forward_on_two_gloo_processes(tmp_path):
+    """What sequence parallelism would build on: DeepSpeed 0.19.8's UlyssesSPAttentionHF runs its all-to-all on gloo
+    (two CPU processes), passes tiled_sdpa's layout keywords through, and the sharded body's hidden states and
+    summed gradients equal the unsharded dense-SDPA body's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(_ulysses_worker, args=(port, str(tmp_path)), nprocs=2)
+    dense, _ = model_pair(2)
+    ids, positions, doc_ids, branch_ids = ulysses_row()
+    hidden = dense.model(input_ids=ids, position_ids=positions, use_cache=False,
+                         attention_mask=attention_mask(doc_ids, branch_ids)).last_hidden_state
+    hidden.sum().backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close(torch.cat([r["hidden"] for r in ranks], dim=1), hidden.detach(), atol=1e-5, rtol=1e-5)
+    compared = 0
+    for p, a, b in zip(dense.parameters(), ranks[0]["grads"], ranks[1]["grads"]):
+        if p.grad is None:  # the LM head, outside the body
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a + b, p.grad, atol=1e-4, rtol=1e-4)
+        compared += 1
+    assert compared == len(list(dense.model.parameters()))
