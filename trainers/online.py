@@ -22,7 +22,8 @@ and step) and hands each rank its micro-batches of prompts; ``OnlineSource`` tur
 Each step's pairs, with their rewards, are written to ``<run>/online/step_<n>.jsonl`` (``.rank<r>-of-<W>`` under
 data parallelism; each rank generates for its own micro-batches), in the ``pairwise_messages`` format that
 ``train.py data.path=<file> data.format=pairwise_messages`` reads, and a summary line per step and rank (prompts,
-pairs, drops by reason, mean reward, seconds spent generating and scoring) to ``online/steps.jsonl``.
+pairs, drops by reason, mean reward, seconds spent generating and scoring) to ``online/steps.jsonl`` (a resumed run
+rewrites the step files it redoes with the same pairs, and appends their summaries again).
 
 Each rank samples with its whole model, so the source runs with one process, DDP or ZeRO-1/2 (ZeRO-3 and FSDP are
 refused: the ranks' generation lengths differ, and a sharded model's gathers need every rank in step).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -58,7 +58,6 @@ from tunelab.trainers.distributed import zero_stage
 from tunelab.trainers.generation import SamplingSettings, TransformersBackend, chat_text, shard_path
 from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
 
-log = logging.getLogger(__name__)
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")  # the per-pair columns a pair weighting may read
 
 
@@ -151,11 +150,12 @@ class OnlineSource:
                    "score_s": scored_at - generated_at}
         return rows, summary
 
-    def examples(self, rows: list[dict], dropped: Counter) -> list[dict]:
-        """The tokenized pair examples of ``rows`` (as train.py tokenizes a pairwise_messages row), with the reward
-        columns; a pair that cannot be tokenized (a prompt beyond data.max_prompt_length) is dropped and counted."""
+    def examples(self, rows: list[dict], dropped: Counter) -> tuple[list[dict], list[dict]]:
+        """(the rows kept, their tokenized pair examples): each row tokenized as train.py tokenizes a
+        pairwise_messages row, with the reward columns; a pair that cannot be tokenized (a prompt beyond
+        data.max_prompt_length) is dropped and counted."""
         data = self.cfg.data
-        out = []
+        kept, out = [], []
         for row in rows:
             try:
                 example = pair_example(row, "pairwise_messages", self.template, self.tokenizer, data.max_length,
@@ -166,8 +166,9 @@ class OnlineSource:
             if example["status"] == "too_long":
                 dropped["too long (data.truncation=drop)"] += 1
                 continue
+            kept.append(row)
             out.append({**example, **{name: row[name] for name in REWARD_COLUMNS}})
-        return out
+        return kept, out
 
     def _write(self, step: int, rows: list[dict], summary: dict) -> None:
         acc = self.accelerator
@@ -187,7 +188,7 @@ class OnlineSource:
         prompts = [(i, json.loads(dataset[i]["turns"])) for group in micro for i in group]
         rows, summary = self.pairs(step, prompts, model)
         dropped = Counter(summary["dropped"])
-        examples = self.examples(rows, dropped)
+        rows, examples = self.examples(rows, dropped)
         summary["dropped"], summary["pairs"] = dict(dropped), len(examples)
         self._write(step, rows, summary)
         self.metrics = {
