@@ -66,10 +66,12 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_an_online_step_equals_an_offline_dpo_step_on_the_pairs_it_wrote(reward_model, tmp_path):
+@pytest.mark.parametrize("loss", [[], ["~loss.dpo", "+loss.simpo={beta: 2.0, gamma_beta_ratio: 0.25}"]],
+                         ids=["dpo", "simpo"])
+def test_an_online_step_equals_an_offline_step_on_the_pairs_it_wrote(reward_model, tmp_path, loss):
     # plain SGD: the update is lr x gradient, so equal weights mean equal gradients (Adam's first step, g / (|g| +
     # eps), would magnify float rounding of the gradients that are near eps)
-    sgd = ["train.optimizer=sgd", "train.lr=0.5"]
+    sgd = ["train.optimizer=sgd", "train.lr=0.5", *loss]
     online = Trainer(online_cfg(reward_model, tmp_path / "online", *sgd))
     before = weights(online)
     stepped = online.train_step()
