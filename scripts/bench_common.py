@@ -137,12 +137,17 @@ class RecordingCollator:
         return self.inner(examples)
 
 
+def record_batches(trainer) -> RecordingCollator:
+    """Make ``trainer`` collate through a RecordingCollator: its batch source (training) and evaluation alike."""
+    recorder = RecordingCollator(trainer.collator)
+    trainer.collator = trainer.batch_source.collator = recorder
+    return recorder
+
+
 def recorded_trainer(overrides: list[str]):
     """(tunelab's Trainer on the composed ``overrides``, the RecordingCollator it now batches through)."""
     trainer = build_our_trainer(compose_cfg(overrides))
-    recorder = RecordingCollator(trainer.collator)
-    trainer.collator = recorder
-    return trainer, recorder
+    return trainer, record_batches(trainer)
 
 
 def measure_steps(trainer, recorder: RecordingCollator, warmup: int, steps: int, setup_s: float) -> dict:
@@ -216,18 +221,44 @@ def matmul_peak(threads: int | None = None, seconds: float = 3.0, n: int = 2048)
 
 
 # ---- processes ------------------------------------------------------------------------------------------------
-def run_child(argv: list[str], timeout: float | None = None) -> dict:
+def resident_gb(pid: int) -> float:
+    """Resident memory of process ``pid`` now (Linux /proc), in GB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def run_child(argv: list[str], memory_cap_gb: float | None = None) -> dict:
     """Run ``python argv`` (which writes its report to the path after --json), return the report plus
-    ``peak_rss_mb`` of that child alone and its wall time."""
+    ``peak_rss_mb`` of that child alone and its wall time. With ``memory_cap_gb`` the child is killed once its
+    resident memory passes the cap (so that a run that does not fit cannot push the machine into swap or the OOM
+    killer), and the report is only ``{"over_cap": True}``."""
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     cmd = [sys.executable, *argv, "--json", path]
     print("+", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    over_cap = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if memory_cap_gb else 0)
+        if pid:
+            break
+        if resident_gb(proc.pid) > memory_cap_gb:
+            over_cap = True
+            proc.kill()
+        time.sleep(0.1)
     wall = time.perf_counter() - start
+    if over_cap:
+        os.unlink(path)
+        print(f"  stopped: resident memory passed {memory_cap_gb} GB", flush=True)
+        return {"over_cap": True, "wall_s": wall}
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}): {' '.join(cmd)}")
     with open(path) as handle:

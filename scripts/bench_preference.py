@@ -205,8 +205,7 @@ def check_losses(args, loss: str) -> dict:
     naive = copy.deepcopy(model).train()
     reference = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(naive.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    recorder = bc.RecordingCollator(trainer.collator)
-    trainer.collator = recorder
+    recorder = bc.record_batches(trainer)
     ours, theirs = [], []
     for _ in range(steps):
         seen = len(recorder.seen)

@@ -148,8 +148,7 @@ def check_losses(args) -> dict:
     trainer = bc.build_our_trainer(cfg)
     naive = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.policy).model).train()
     optimizer = torch.optim.AdamW(naive.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    recorder = bc.RecordingCollator(trainer.collator)
-    trainer.collator = recorder
+    recorder = bc.record_batches(trainer)
     ours, theirs = [], []
     for _ in range(args.check_steps):
         seen = len(recorder.seen)

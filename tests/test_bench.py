@@ -59,3 +59,34 @@ def test_atomic_json_write_replaces_whole_files_only(tmp_path):
         write_json_atomic(str(path), {"b": 2, "c": object()})  # "b" is written before "c" fails
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(path.parent) == ["report.json"]
+
+
+def scaling_rows(markdown: str) -> dict:
+    """{(run, documents, L): (real tokens per step, ratio to the smallest L)} of bench_scaling's table; rows that
+    did not fit map to None."""
+    out = {}
+    for docs, length, run, rest in re.findall(r"^\| \w+ \| (\w+) \| (\d+) \| ([\w-]+) \| (.*)$", markdown, re.M):
+        fit = re.match(r"(\d+) \| [\d.]+ \| \d+ \| ([\d.]+)x \| [\d.]+ \|$", rest)
+        out[(run, docs, int(length))] = (int(fit[1]), float(fit[2])) if fit else None
+    return out
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_fills_rows_and_stops_what_does_not_fit(tmp_path):
+    """One long example per step fills ~90% of each row length for both frameworks (the same rows, so the same
+    real tokens), the first length is the ratio's base, and a child over the memory cap is reported, not run on."""
+    report = tmp_path / "scaling.md"
+    common = ("--small", "--lengths", "256,512", "--docs", "long", "--steps", "1", "--warmup", "0")
+    done = run_script("bench_scaling.py", *common, "--runs", "ours-sft,trl-sft", "--markdown", str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = scaling_rows(report.read_text())
+    for length in (256, 512):
+        ours, theirs = rows[("ours-sft", "long", length)], rows[("trl-sft", "long", length)]
+        assert 0.75 * length <= ours[0] <= length
+        assert abs(ours[0] - theirs[0]) <= 0.03 * length
+    assert rows[("ours-sft", "long", 256)][1] == 1.0
+    capped = run_script("bench_scaling.py", *common, "--runs", "ours-sft", "--memory-cap-gb", "0.05",
+                        "--markdown", str(report))
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    assert scaling_rows(report.read_text()) == {("ours-sft", "long", 256): None, ("ours-sft", "long", 512): None}
+    assert len(re.findall(r"^\+ ", capped.stdout, re.M)) == 1  # 512 not tried once 256 did not fit
