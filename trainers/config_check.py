@@ -80,6 +80,7 @@ RULES: tuple[Rule, ...] = (
     Rule("train.eval_every", "an integer >= 0 (steps; 0 = only before and after training)", integer_at_least(0)),
     Rule("train.keep_last", "an integer >= 0 (0 keeps every checkpoint)", integer_at_least(0)),
     Rule("train.attention_tile", "an integer > 0", integer_at_least(1)),
+    Rule("train.sequence_parallel", "an integer > 0 (1 = off)", integer_at_least(1)),
     Rule("train.logits_chunk_size", "an integer > 0", integer_at_least(1)),
     Rule("train.lr", "a number > 0", lambda v: _is_number(v) and v > 0),
     Rule("train.on_nonfinite", _choices("stop", "skip"), one_of("stop", "skip")),
@@ -221,11 +222,32 @@ def _online_is_servable(cfg) -> str | None:
     return "; ".join(problems) or None
 
 
+def _sequence_parallel_is_servable(cfg) -> str | None:
+    """What sharding a training forward's positions cannot serve; the process count, DeepSpeed and the model's heads
+    are checked at start (trainers/sequence_parallel.enable_sequence_parallel)."""
+    size = OmegaConf.select(cfg, "train.sequence_parallel", default=1)
+    if not _is_int(size) or size <= 1:
+        return None
+    problems = []
+    implementation = OmegaConf.select(cfg, "model.attn_implementation", default="tiled_sdpa")
+    if implementation != "tiled_sdpa":
+        problems.append(f"model.attn_implementation={implementation}: only tiled_sdpa takes the whole row's layout "
+                        "through DeepSpeed's Ulysses wrapper, which drops dense masks")
+    for key in ("train.neftune_alpha", "train.masked_thought"):
+        if OmegaConf.select(cfg, key, default=None):
+            problems.append(f"{key}: its noise is drawn per rank, so the ranks sharing a row would perturb it "
+                            "differently; unset it")
+    if OmegaConf.select(cfg, "online.enabled", default=False) or OmegaConf.select(cfg, "rounds.count", default=0):
+        problems.append("online.enabled / rounds.count: each rank samples its own pairs, so the ranks of a group "
+                        "would not hold the same micro-batches; train on a fixed dataset")
+    return "; ".join(f"train.sequence_parallel={size}: {p}" for p in problems) or None
+
+
 # checks that involve several keys; each returns a message or None
 JOINT_RULES: tuple[Callable[[Any], str | None], ...] = (_kernels_run_here, _batch_sizes_divide, _latest_needs_a_run,
                                                         _recommended_is_valid,
                                                         _updated_reference_is_a_copy, _rounds_are_complete,
-                                                        _online_is_servable)
+                                                        _online_is_servable, _sequence_parallel_is_servable)
 
 
 def check_config(cfg) -> None:

@@ -137,6 +137,9 @@ class TrainConfig:
     logits_chunk_size: int = option(1024, "labelled positions per LM-head chunk")
     attention_tile: int = option(128, "tiled_sdpa queries per tile: fastest of 64-256 on the CPU benchmark rows "
                                  "(docs/benchmarks.md)")
+    sequence_parallel: int = option(1, "ranks that share each micro-batch's positions (DeepSpeed Ulysses, "
+                                    "Jacobs et al. 2023, arXiv 2309.14509): 1 = off; divides the process count, "
+                                    "DeepSpeed ZeRO-2/3 and tiled_sdpa only (docs/distributed.md)")
     logits_keep_mb: int = option(256, "MB of LM-head softmax kept from forward to backward per forward; 0 "
                                  "recomputes (measured, docs/benchmarks.md)")
     eval_every: int = option(50, "steps between evaluations; 0 = only before and after training")

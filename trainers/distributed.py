@@ -99,6 +99,8 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, train_cfg, accumulation: int, n
     config["gradient_accumulation_steps"] = int(accumulation)
     config["train_batch_size"] = int(train_cfg.global_batch_size)
     config["gradient_clipping"] = clip
+    if train_cfg.get("sequence_parallel", 1) > 1:  # DeepSpeed's batch check counts data-parallel ranks only
+        config["sequence_parallel_size"] = int(train_cfg.sequence_parallel)
     plugin.gradient_accumulation_steps = int(accumulation)
     plugin.gradient_clipping = clip
     return config

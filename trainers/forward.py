@@ -268,12 +268,14 @@ def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, c
 
 class CausalLMWithLogProbs(nn.Module):
     def __init__(self, model: nn.Module, chunk_size: int = TrainConfig.logits_chunk_size,
-                 keep_bytes: int = DEFAULT_KEEP_BYTES, attention_tile: int = DEFAULT_TILE):
+                 keep_bytes: int = DEFAULT_KEEP_BYTES, attention_tile: int = DEFAULT_TILE, sequence_parallel=None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.keep_bytes = keep_bytes
         self.attention_tile = attention_tile
+        # trainers/sequence_parallel.SequenceParallel or None: shards the positions of training forwards
+        self.sequence_parallel = sequence_parallel
 
     def sequence_scores(self, flat_hidden: torch.Tensor, batch: Batch, n_seq: int) -> torch.Tensor:
         """[S] float32: the score head on the hidden state of each sequence's last token that is not the pad token,
@@ -296,23 +298,28 @@ class CausalLMWithLogProbs(nn.Module):
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        layout = layout_inputs(batch.doc_ids, batch.branch_ids, implementation, self.attention_tile,
+        sharded = self.sequence_parallel is not None and self.training and torch.is_grad_enabled()
+        part = self.sequence_parallel.shard(batch) if sharded else batch  # this rank's positions, or all of them
+        layout = layout_inputs(part.doc_ids, part.branch_ids, implementation, self.attention_tile,
                                self.model.get_input_embeddings().weight.dtype)
         hidden = body(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
+            input_ids=part.input_ids,
+            position_ids=part.position_ids,
             use_cache=False,
             **layout,
         ).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
-        hidden = flat.index_select(0, batch.target_index)
+        hidden = flat.index_select(0, part.target_index)
         targets = batch.target_ids
+        scored = targets.index_select(0, part.targets) if sharded else targets
         seq_role = batch.seq_role
         n_seq = seq_role.shape[0]
         token_seq = batch.target_seq
         if needs.token_logps:
-            token_logps, stats = target_logps(head, hidden, targets, self.chunk_size, sorted(needs.token_stats),
+            token_logps, stats = target_logps(head, hidden, scored, self.chunk_size, sorted(needs.token_stats),
                                               keep_bytes=self.keep_bytes)
+            if sharded:  # every target's log-prob, in the batch's order, on every rank of the group
+                token_logps, stats = part.gather(token_logps), {k: part.gather(v) for k, v in stats.items()}
         else:  # a loss on scores alone: no LM-head logits
             token_logps, stats = flat.new_zeros(targets.shape[0], dtype=torch.float32), {}
         seq_logps = token_logps.new_zeros(n_seq).index_add(0, token_seq, token_logps)

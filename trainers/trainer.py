@@ -52,6 +52,7 @@ from tunelab.trainers.optim import build_optimizer, build_scheduler
 from tunelab.trainers.precision import resolve_precision
 from tunelab.trainers.reference import Reference
 from tunelab.trainers.scoring import rank_batches
+from tunelab.trainers.sequence_parallel import enable_sequence_parallel
 from tunelab.trainers.tracking import RunTracker, format_summary, tracker_names
 
 log = logging.getLogger("tunelab")
@@ -168,7 +169,9 @@ class Trainer:
                              "generate; set train.eval_samples=0")
         self.kind = self.needs.layout
         state = init_state()
-        self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size, state.num_processes)
+        sequence_parallel = train.sequence_parallel  # ranks sharing each micro-batch's positions
+        self.accumulation = derive_accumulation(train.global_batch_size, train.micro_batch_size,
+                                                state.num_processes // sequence_parallel)
         self.output_dir, self.resume_from = decide_on_main(
             state, lambda: prepare_run_dir(cfg, self.resolved_config, recipe_name))
         self.precision = resolve_precision(cfg.model, train, state)
@@ -203,8 +206,11 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(train_ds), train.global_batch_size)
         self.total_steps = train.max_steps or self.steps_per_epoch * train.epochs
         self.input_noise = InputNoise(train, model, self.tokenizer, self.kind, self.total_steps, cfg.seed)
+        self.sequence_parallel = (enable_sequence_parallel(model, sequence_parallel, acc.num_processes,
+                                                           is_deepspeed(acc), self.needs)
+                                  if sequence_parallel > 1 else None)
         policy = CausalLMWithLogProbs(model, train.logits_chunk_size, keep_bytes=int(train.logits_keep_mb * 2 ** 20),
-                                      attention_tile=train.attention_tile)
+                                      attention_tile=train.attention_tile, sequence_parallel=self.sequence_parallel)
         optimizer = build_optimizer(policy.parameters(), train, self.precision.compensated_updates)
         self.half_fine_tuning = attach_half_fine_tuning(optimizer, model, train, cfg.seed, acc)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
@@ -235,16 +241,28 @@ class Trainer:
     def _step_batches(self, step: int) -> list[Batch]:
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = self.ordering(self.train_ds, self.cfg.seed, epoch)
-        acc = self.accelerator
-        groups = micro_batches(order, in_epoch, self.cfg.train.global_batch_size, acc.process_index,
-                               acc.num_processes, self.cfg.train.micro_batch_size)
+        rank, ranks = self._data_parallel()
+        groups = micro_batches(order, in_epoch, self.cfg.train.global_batch_size, rank, ranks,
+                               self.cfg.train.micro_batch_size)
         return self.batch_source(step, groups, self.train_ds, self.policy)
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(this rank's index, number of ranks) among those given distinct micro-batches: the ranks of a sequence-
+        parallel group share theirs."""
+        acc = self.accelerator
+        if self.sequence_parallel is None:
+            return acc.process_index, acc.num_processes
+        return self.sequence_parallel.data_parallel(acc.process_index, acc.num_processes)
+
+    def _sum_over_batches(self, local: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of per-rank totals of the step's micro-batches, each micro-batch counted once."""
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
+        return total / self.sequence_parallel.size if self.sequence_parallel is not None else total
 
     def _global_counts(self, batches: list[Batch]) -> dict[str, float]:
         units = sorted(batches[0].counts)
         local = torch.tensor([[b.counts[u] for u in units] for b in batches], dtype=torch.float64).sum(0)
-        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
-        return dict(zip(units, total.tolist()))
+        return dict(zip(units, self._sum_over_batches(local).tolist()))
 
     def _loss_sums(self, batch: Batch) -> tuple[dict, dict[str, Metric]]:
         """The loss set's per-unit sums and metrics for one micro-batch: the one forward-and-loss path, shared by
@@ -264,7 +282,8 @@ class Trainer:
         counts = self._global_counts(batches)
         accum = MetricAccumulator()
         accum.add(self.batch_source.metrics)
-        accum.add_units({u: c / acc.num_processes for u, c in counts.items()})
+        # every rank adds its micro-batches' metric sums (a sequence-parallel group adds the same ones size times)
+        accum.add_units({u: c / self._data_parallel()[1] for u, c in counts.items()})
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = 0
         self.policy.train()
@@ -274,13 +293,14 @@ class Trainer:
                 sums, metrics = self._loss_sums(batch)
                 loss = sum(total / counts[unit] for unit, total in sums.items() if counts[unit] > 0)
                 # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over ranks:
-                # undo both so the gradient is that of the global-batch mean.
+                # undo both so the gradient is that of the global-batch mean. (Sequence parallelism: each rank's
+                # gradient is its positions' share, and the sum over all ranks the unsharded gradient.)
                 acc.backward(loss * acc.num_processes * self.accumulation)
                 step_loss += loss.detach().double()
                 accum.add(metrics)
                 tokens += batch.num_tokens
         local = torch.stack([step_loss, torch.tensor(float(tokens), dtype=torch.float64, device=acc.device)])
-        step_loss, tokens = acc.reduce(local, reduction="sum").tolist()
+        step_loss, tokens = self._sum_over_batches(local).tolist()
         grad_norm = self._grad_norm()
         if grad_norm is not None:
             accum.add({"grad_norm": Metric(grad_norm)})
@@ -393,7 +413,8 @@ class Trainer:
         if acc.is_main_process:
             log.info("run dir %s | %d examples, %d steps (%d/epoch) | global batch %d = %d micro x %d ranks x %d "
                      "accumulation", self.output_dir, len(self.train_ds), self.total_steps, self.steps_per_epoch,
-                     cfg.train.global_batch_size, cfg.train.micro_batch_size, acc.num_processes, self.accumulation)
+                     cfg.train.global_batch_size, cfg.train.micro_batch_size, self._data_parallel()[1],
+                     self.accumulation)
         tracker = RunTracker(acc, self.output_dir, self.total_steps, self.step, cfg.train,
                              OmegaConf.to_container(cfg, resolve=True))
         started = tracker.clock()
