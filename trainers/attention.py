@@ -84,6 +84,38 @@ def layout_inputs(doc_ids: torch.Tensor, branch_ids: torch.Tensor, implementatio
     return {"attention_mask": layout_mask(collate.attention_mask(doc_ids, branch_ids), implementation, dtype)}
 
 
+class _TilesWithLocalGradients(torch.autograd.Function):
+    """The tiles' outputs, with a backward that writes each tile's gradients into its own slices of q, k and v.
+
+    Slicing q, k and v per tile under plain autograd costs, in the backward, a zero-filled gradient of the whole
+    [B, H, L, D] tensor per slice, added into the next: O(tiles x L) memory traffic per layer, which at L = 32768
+    (256 tiles) took more than half of a step's time (docs/benchmarks.md, "Long packed rows"). Here the forward
+    keeps only q, k and v (through ``save_for_backward``, so gradient checkpointing's hooks see them); the backward
+    recomputes each tile's attention with its graph, takes that tile's gradients and adds them into one buffer per
+    input: the attention forward runs twice, as in FlashAttention's backward, and no tile's activations are kept
+    from the forward. Attention dropout would need its random mask replayed, so it takes the plain path."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, run_tile, tiles):
+        ctx.run_tile, ctx.tiles = run_tile, tiles
+        ctx.save_for_backward(query, key, value)
+        return torch.cat([run_tile(query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], q0, q1, k0)
+                          for q0, q1, k0 in tiles], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in (query, key, value)]
+        for q0, q1, k0 in ctx.tiles:
+            spans = ((q0, q1), (k0, q1), (k0, q1))
+            with torch.enable_grad():
+                leaves = [t.detach()[:, :, a:b].requires_grad_() for t, (a, b) in zip((query, key, value), spans)]
+                out = ctx.run_tile(*leaves, q0, q1, k0)
+            for grad, part, (a, b) in zip(grads, torch.autograd.grad(out, leaves, grad_output[:, q0:q1]), spans):
+                grad[:, :, a:b] += part
+        return (*grads, None, None)
+
+
 def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, layout_ids=None,
                          **kwargs):
     """transformers attention function: query [B, H, L, D], key/value [B, H_kv, L, D] -> ([B, L, H, D], None).
@@ -92,13 +124,17 @@ def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_ti
     if attention_tiles is None or layout_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     doc_ids, branch_ids = layout_ids
-    outputs = [
-        sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1],
-                               collate.attention_mask(doc_ids, branch_ids, slice(q0, q1), slice(k0, q1)),
-                               **kwargs)[0]
-        for q0, q1, k0 in attention_tiles
-    ]
-    return torch.cat(outputs, dim=1), None
+
+    def run_tile(q, k, v, q0, q1, k0):
+        mask = collate.attention_mask(doc_ids, branch_ids, slice(q0, q1), slice(k0, q1))
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0]
+
+    grad_needed = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if grad_needed and not kwargs.get("dropout"):
+        return _TilesWithLocalGradients.apply(query, key, value, run_tile, attention_tiles), None
+    tiles = [run_tile(query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], q0, q1, k0)
+             for q0, q1, k0 in attention_tiles]
+    return torch.cat(tiles, dim=1), None
 
 
 AttentionInterface.register(TILED_SDPA, tiled_sdpa_attention)
