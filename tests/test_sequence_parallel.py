@@ -1,7 +1,7 @@
 """Sequence parallelism (train.sequence_parallel, trainers/sequence_parallel.py): the sharding of a micro-batch's
 positions and targets, the refusals, a sharded forward on two gloo processes against the unsharded one (log-probs
-and gradients, every layout), and whole runs: SP=2 under ZeRO-2 and ZeRO-3 against one process with the same
-global batch."""
+and gradients, every layout), and whole runs: SP=2 under ZeRO-2 and ZeRO-3 (2 processes, and 4 as two
+data-parallel groups) against one process with the same global batch, and their resumption."""
 
 from __future__ import annotations
 
@@ -135,15 +135,15 @@ def test_sharded_forward_on_two_gloo_processes_equals_the_unsharded_one_on_every
 
 # ---- whole runs: SP=2 under ZeRO-2/3 against one process ------------------------------------------------------------
 RUN = ["train.progress_bar=false", "train.plot=false", "data.sources.0.num_rows=400", "train.log_every=1",
-       "train.eval_every=2", "train.save_every=4", "train.max_steps=4"]
+       "train.eval_every=2", "train.max_steps=4"]
 
 
-def _run(out, *overrides, sequence_parallel: int = 1, config: str = "zero2") -> None:
+def _run(out, *overrides, sequence_parallel: int = 1, config: str = "zero2", processes: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if sequence_parallel > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    os.path.join(ROOT, "recipes", "accelerate", f"{config}.yaml"), "--num_processes",
-                   str(sequence_parallel), "--mixed_precision", "no", "--main_process_port", str(free_port())]
+                   str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port())]
         overrides = (*overrides, f"train.sequence_parallel={sequence_parallel}")
     else:
         command = [sys.executable]
@@ -165,20 +165,21 @@ def _exported(out) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, metric, config", [
-    ("sft", "ntp/nll", "zero2"),  # packed SFT rows (recipes/data/bundled_sft.yaml: packing)
-    ("dpo", "rewards/margins", "zero2"),  # shared-prompt pairs (bundled_pref.yaml), precomputed reference
-    ("sft", "ntp/nll", "zero3"),  # parameters sharded too: both ranks of the group gather each layer in lockstep
+@pytest.mark.parametrize("recipe, metric, config, processes", [
+    ("sft", "ntp/nll", "zero2", 2),  # packed SFT rows (recipes/data/bundled_sft.yaml: packing)
+    ("dpo", "rewards/margins", "zero2", 2),  # shared-prompt pairs (bundled_pref.yaml), precomputed reference
+    ("sft", "ntp/nll", "zero3", 2),  # parameters sharded too: both ranks of the group gather each layer in lockstep
+    ("sft", "ntp/nll", "zero2", 4),  # two data-parallel groups of two: each group its own micro-batches
 ])
-def test_two_process_sequence_parallel_run_equals_one_process_with_the_same_global_batch(tmp_path, recipe, metric,
-                                                                                         config):
-    """Both processes hold every micro-batch and each runs half its positions: each step's loss and metrics, the
-    evaluations and the exported weights equal a one-process run's. Tolerance 1e-5 as for DDP vs one process
-    (tests/test_distributed.py): the sharded forward computes the same products; only the order of float sums in
-    the gradient all-reduce differs."""
+def test_sequence_parallel_run_equals_one_process_with_the_same_global_batch(tmp_path, recipe, metric, config,
+                                                                             processes):
+    """The processes of a group (SP=2) hold the same micro-batches and each runs half their positions: each step's
+    loss and metrics, the evaluations and the exported weights equal a one-process run's. Tolerance 1e-5 as for DDP
+    vs one process (tests/test_distributed.py): the sharded forward computes the same products; only the order of
+    float sums in the gradient all-reduce differs."""
     overrides = [f"recipe={recipe}", f"reference.cache_dir={tmp_path / 'cache'}"]
     _run(tmp_path / "one", *overrides)
-    _run(tmp_path / "sp", *overrides, sequence_parallel=2, config=config)
+    _run(tmp_path / "sp", *overrides, sequence_parallel=2, config=config, processes=processes)
     one, sp = _records(tmp_path / "one"), _records(tmp_path / "sp")
     assert sorted(one) == sorted(sp) and (4, "train") in one
     for key, record in one.items():
@@ -191,3 +192,15 @@ def test_two_process_sequence_parallel_run_equals_one_process_with_the_same_glob
     assert mine.keys() == theirs.keys()
     for name, weight in theirs.items():
         torch.testing.assert_close(mine[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_sequence_parallel_run_resumes_from_its_checkpoint_to_the_same_losses(tmp_path):
+    """Restart an SP=2 ZeRO-2 run from its step-2 checkpoint: steps 3 and 4 give the uninterrupted run's losses."""
+    _run(tmp_path / "whole", "train.save_every=2", sequence_parallel=2)
+    _run(tmp_path / "resumed", "train.save_every=2", f"resume={tmp_path / 'whole' / 'checkpoints' / 'step_0000002'}",
+         sequence_parallel=2)
+    whole, resumed = _records(tmp_path / "whole"), _records(tmp_path / "resumed")
+    assert sorted(step for step, split in resumed if split == "train") == [3, 4]
+    for step in (3, 4):
+        assert resumed[(step, "train")]["loss"] == pytest.approx(whole[(step, "train")]["loss"], abs=1e-5), step

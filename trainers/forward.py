@@ -298,7 +298,8 @@ class CausalLMWithLogProbs(nn.Module):
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        sharded = self.sequence_parallel is not None and self.training and torch.is_grad_enabled()
+        # train mode, exactly when DeepSpeed's Ulysses wrapper exchanges positions (it is bypassed in eval mode)
+        sharded = self.sequence_parallel is not None and self.training
         part = self.sequence_parallel.shard(batch) if sharded else batch  # this rank's positions, or all of them
         layout = layout_inputs(part.doc_ids, part.branch_ids, implementation, self.attention_tile,
                                self.model.get_input_embeddings().weight.dtype)

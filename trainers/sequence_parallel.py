@@ -12,8 +12,8 @@ target order, so every rank computes the same ``ForwardOutputs`` and the same lo
 Gradients: ``gather`` sums disjoint contributions in the forward and hands each rank the gradient of its own
 positions in the backward (no communication), so a rank's parameter gradients are its positions' share; DeepSpeed's
 all-reduce over every process then sums the shares, which with the Trainer's usual scaling by the process count
-gives the unsharded gradient. Only training forwards (module in train mode with gradients on) are sharded:
-evaluation, reference log-probs and generation run whole rows on every rank (``disable_in_eval``).
+gives the unsharded gradient. Only forwards in train mode are sharded, as the wrapper is registered with
+``disable_in_eval``: evaluation, reference log-probs and generation (eval mode) run whole rows on every rank.
 """
 
 from __future__ import annotations
