@@ -65,6 +65,7 @@ def test_rows_laid_end_to_end_keep_the_layout_of_each_row():
     ("model.attn_implementation=sdpa", "only tiled_sdpa"),
     ("train.neftune_alpha=5", "train.neftune_alpha: its noise is drawn per rank"),
     ("train.sequence_parallel=0", "an integer > 0"),
+    ("model.lora.enabled=true", "adapter_disabled"),
 ])
 def test_config_check_refuses_what_sharding_cannot_serve(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -237,6 +237,13 @@ def _sequence_parallel_is_servable(cfg) -> str | None:
         if OmegaConf.select(cfg, key, default=None):
             problems.append(f"{key}: its noise is drawn per rank, so the ranks sharing a row would perturb it "
                             "differently; unset it")
+    strategy = OmegaConf.select(cfg, "reference.strategy", default="auto")
+    if strategy == "adapter_disabled" or (strategy == "auto" and OmegaConf.select(cfg, "model.lora.enabled")):
+        # Reference.with_logps restores the mode it reads from a DeepSpeed engine, whose `training` stays True, so
+        # the evaluation forward after it would run in train mode: sharded, while the ranks of a group hold different
+        # eval batches
+        problems.append("reference.strategy=adapter_disabled (auto with LoRA) leaves the policy in train mode during "
+                        "evaluation under DeepSpeed; set reference.strategy=precomputed or frozen_copy")
     if OmegaConf.select(cfg, "online.enabled", default=False) or OmegaConf.select(cfg, "rounds.count", default=0):
         problems.append("online.enabled / rounds.count: each rank samples its own pairs, so the ranks of a group "
                         "would not hold the same micro-batches; train on a fixed dataset")
