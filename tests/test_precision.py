@@ -264,3 +264,50 @@ def test_a_frozen_copy_takes_the_prepared_policys_dtypes():
     policy[0].to(torch.bfloat16)
     _match_dtypes(copy, policy)
     assert [p.dtype for p in copy.parameters()] == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+class EngineLike(torch.nn.Module):
+    """Wraps a module as a DeepSpeed engine does for this purpose: train()/eval() reach the module, while the
+    wrapper's own ``training`` flag stays True."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def forward(self, batch, needs):
+        return self.module(batch, needs)
+
+
+class ModeRecorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+
+    def forward(self, batch, needs):
+        self.modes.append(self.training)
+        return SimpleNamespace(seq_logps=torch.zeros(batch.seq_role.shape[0]), seq_prefix_logps=None)
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_reference_scoring_restores_the_mode_of_the_module_inside_a_deepspeed_engine(mode):
+    """A live reference scores in eval mode and then leaves the scorer as it found it, read from the wrapped module:
+    an engine's own flag is always True, so evaluation under DeepSpeed went on in train mode (dropout on)."""
+    from contextlib import nullcontext
+
+    from tunelab.data.collate import Collator
+    from tunelab.trainers.reference import Reference
+
+    inner = ModeRecorder().train(mode)
+    reference = Reference.__new__(Reference)
+    reference.strategy, reference.prefix, reference.copy = "frozen_copy", False, EngineLike(inner)
+    reference.accelerator = SimpleNamespace(autocast=nullcontext,
+                                            unwrap_model=lambda m: m.module if isinstance(m, EngineLike) else m)
+    batch = Collator("pairs", packing=True, shared_prompt=True, row_length=32)(
+        [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]}])
+    out = reference.with_logps(batch, policy=None)
+    assert inner.modes == [False] and inner.training is mode
+    assert out.ref_seq_logps.tolist() == [0.0, 0.0]

@@ -289,7 +289,8 @@ class Reference:
         else:
             scorer = policy
             context = self.accelerator.unwrap_model(policy).model.disable_adapter()
-        was_training = scorer.training
+        # a DeepSpeed engine's own flag stays True whatever its train()/eval() did: ask the module it wraps
+        was_training = self.accelerator.unwrap_model(scorer).training
         scorer.eval()  # the policy trains in train mode: its base model's dropout must not reach the reference
         with torch.no_grad(), context:
             out = scorer(batch, NO_STATS)

@@ -49,7 +49,7 @@ def score_examples(accelerator, scorer: CausalLMWithLogProbs, dataset, collator,
     results: dict[int, list[float]] = {}
     bar = tqdm(total=len(indices), unit="ex", desc=description, dynamic_ncols=True,
                disable=not (accelerator.is_main_process and progress))
-    was_training = scorer.training
+    was_training = accelerator.unwrap_model(scorer).training  # a DeepSpeed engine's own flag is always True
     scorer.eval()
     with torch.no_grad():
         for step, positions in enumerate(mine):
