@@ -195,16 +195,14 @@ def _kernels_run_here(cfg) -> str | None:
 
 
 def _online_is_servable(cfg) -> str | None:
-    """Online pairs exist only once their step draws them: the loss must be pairwise, the reference live, and a
-    reward model must label the samples."""
+    """Online pairs exist only once their step draws them: the loss must be pairwise and the reference live. (The
+    reward model that labels the samples is checked when the run starts, trainers/online.py: a shipped recipe
+    cannot name one, and every shipped recipe passes this check.)"""
     if not OmegaConf.select(cfg, "online.enabled", default=False):
         return None
     from tunelab.losses import build_loss
 
     problems = []
-    if not OmegaConf.select(cfg, "online.reward_model"):
-        problems.append("online.enabled=true needs online.reward_model (a sequence-classification model directory, "
-                        "e.g. the export/ of a recipe=reward run) to label the sampled responses")
     needs = build_loss(cfg.loss, cfg.get("pair_weighting")).needs
     if not needs.pairs or needs.unpaired:
         problems.append(f"online.enabled=true trains on sampled pairs, so the loss must be pairwise (dpo, simpo, ...); "

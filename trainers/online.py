@@ -109,6 +109,9 @@ class OnlineSource:
         self.sampling = dict(num_samples=online.samples_per_prompt, temperature=online.temperature,
                              top_p=online.top_p, max_new_tokens=online.max_new_tokens)
         self.batch_size = online.batch_size
+        if not online.reward_model:
+            raise ValueError("online.enabled=true needs online.reward_model (a sequence-classification model "
+                             "directory, e.g. the export/ of a recipe=reward run) to label the sampled responses")
         judge, judge_tokenizer = load_reward_model(online.reward_model, online.reward_dtype)
         self.scorer = RewardScorer(judge.to(accelerator.device), judge_tokenizer, online.reward_model,
                                    batch_size=online.batch_size)
