@@ -98,6 +98,8 @@ class _TilesWithLocalGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, run_tile, tiles):
         ctx.run_tile, ctx.tiles = run_tile, tiles
+        device = query.device.type  # the backward recomputes under the forward's autocast, as checkpointing does
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(query, key, value)
         return torch.cat([run_tile(query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], q0, q1, k0)
                           for q0, q1, k0 in tiles], dim=1)
@@ -106,9 +108,10 @@ class _TilesWithLocalGradients(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value = ctx.saved_tensors
         grads = [torch.zeros_like(t) for t in (query, key, value)]
+        device, autocast, dtype = ctx.autocast
         for q0, q1, k0 in ctx.tiles:
             spans = ((q0, q1), (k0, q1), (k0, q1))
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
                 leaves = [t.detach()[:, :, a:b].requires_grad_() for t, (a, b) in zip((query, key, value), spans)]
                 out = ctx.run_tile(*leaves, q0, q1, k0)
             for grad, part, (a, b) in zip(grads, torch.autograd.grad(out, leaves, grad_output[:, q0:q1]), spans):
