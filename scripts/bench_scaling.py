@@ -224,6 +224,7 @@ def main(argv=None) -> int:
         for docs in [d for d in args.docs.split(",") if d]:
             over = False
             for length in lengths:
+                write_report(args, machine, results)  # the rows so far: a run cut short keeps them
                 entry = {"run": run, "docs": docs, "length": length, "cap_gb": args.memory_cap_gb}
                 if over:  # a longer row of the same workload cannot fit either
                     results.append({**entry, "over_cap": True})
@@ -239,14 +240,20 @@ def main(argv=None) -> int:
                 results.append({**entry, "tokens_per_s": row["tokens_per_s"], "tokens_per_step": row["tokens_per_step"],
                                 "peak_rss_gb": row["peak_rss_gb"], "step_times": report["step_times"]})
     machine.remeasure()
+    print(write_report(args, machine, results))
+    print(json.dumps(results), file=sys.stderr)
+    return 0
+
+
+def write_report(args, machine, results: list[dict]) -> str:
+    """The report on the rows so far, written to --markdown (replacing the previous one) if given."""
     lines = [f"Row-length scaling: {machine.line()}; {args.warmup} warm-up + {args.steps} measured steps per "
              f"configuration; memory cap {args.memory_cap_gb:.0f} GB", "", table(results), ""]
-    print("\n".join(lines))
-    print(json.dumps(results), file=sys.stderr)
+    text = "\n".join(lines)
     if args.markdown:
         with open(args.markdown, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
-    return 0
+            handle.write(text + "\n")
+    return text
 
 
 if __name__ == "__main__":
