@@ -176,6 +176,25 @@ def example_lengths(example: dict) -> list[int]:
     return [first, len(example["input_ids"]) - first]
 
 
+def trl_pairs_dataset(rows: list[dict]):
+    """The benchmark's preference rows as TRL's conversational prompt / chosen / rejected dataset."""
+    import datasets
+
+    return datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                        "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+
+def trl_dpo_lengths(inputs) -> list[list[int]]:
+    """[prompt, chosen, rejected] token counts per pair of one TRL DPOTrainer batch (the chosen rows, then the
+    rejected ones, each with its completion mask)."""
+    attn, comp = inputs["attention_mask"], inputs["completion_mask"]
+    b = attn.shape[0] // 2
+    c, r = comp[:b].sum(1), comp[b:].sum(1)
+    p = attn[:b].sum(1) - c
+    return [[int(p[i]), int(c[i]), int(r[i])] for i in range(b)]
+
+
 # ---- work accounting ------------------------------------------------------------------------------------------
 def model_dims(model) -> dict:
     config = model.config

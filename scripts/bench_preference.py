@@ -87,7 +87,6 @@ def _trl_common(args, tmp: str):
 
 
 def child_trl_dpo(args, precompute: bool) -> dict:
-    import datasets
     import torch
     from trl import DPOConfig, DPOTrainer
 
@@ -95,18 +94,12 @@ def child_trl_dpo(args, precompute: bool) -> dict:
     tmp = tempfile.mkdtemp(prefix="bench_trl_")
     tokenizer, model = _trl_common(args, tmp)
     rows = bc.pref_rows((args.warmup + args.steps) * PAIRS_PER_STEP, args.seed)
-    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                      "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                      "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    ds = bc.trl_pairs_dataset(rows)
     lengths: list = []
 
     class Recorded(DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            attn, comp = inputs["attention_mask"], inputs["completion_mask"]
-            b = attn.shape[0] // 2
-            c, r = comp[:b].sum(1), comp[b:].sum(1)
-            p = attn[:b].sum(1) - c
-            lengths.append([[int(p[i]), int(c[i]), int(r[i])] for i in range(b)])
+            lengths.append(bc.trl_dpo_lengths(inputs))
             return super().training_step(model, inputs, num_items_in_batch)
 
     config = DPOConfig(
@@ -129,7 +122,6 @@ def child_trl_dpo(args, precompute: bool) -> dict:
 
 
 def child_trl_simpo(args) -> dict:
-    import datasets
     import torch
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -137,9 +129,7 @@ def child_trl_simpo(args) -> dict:
     tmp = tempfile.mkdtemp(prefix="bench_trl_")
     tokenizer, model = _trl_common(args, tmp)
     rows = bc.pref_rows((args.warmup + args.steps) * PAIRS_PER_STEP, args.seed)
-    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                      "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                      "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    ds = bc.trl_pairs_dataset(rows)
     lengths: list = []
 
     class Recorded(CPOTrainer):

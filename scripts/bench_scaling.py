@@ -138,18 +138,11 @@ def child_trl(args, kind: str) -> dict:
         config = SFTConfig(per_device_train_batch_size=1, max_length=args.length, packing=args.docs == "realistic",
                            completion_only_loss=True, **common)
     else:
-        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                          "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                          "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-                                         for r in rows])
+        ds = bc.trl_pairs_dataset(rows)
 
         class Recorded(DPOTrainer):
             def training_step(self, model, inputs, num_items_in_batch=None):
-                attn, comp = inputs["attention_mask"], inputs["completion_mask"]
-                b = attn.shape[0] // 2
-                c, r = comp[:b].sum(1), comp[b:].sum(1)
-                p = attn[:b].sum(1) - c
-                lengths.append([[int(p[i]), int(c[i]), int(r[i])] for i in range(b)])
+                lengths.append(bc.trl_dpo_lengths(inputs))
                 return super().training_step(model, inputs, num_items_in_batch)
 
         config = DPOConfig(per_device_train_batch_size=per_step, max_length=args.length, beta=BETA,
