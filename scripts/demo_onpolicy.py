@@ -26,11 +26,11 @@ import os
 import time
 
 import numpy as np
-from accelerate.state import AcceleratorState, GradientState
 
 from tunelab.data.bundled import preference_rows
 from tunelab.data.onpolicy import build_pairs, read_jsonl
 from tunelab.trainers.config_schema import compose_config
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.evaluation import compare, generate_greedy
 from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.generation import SamplingSettings, TransformersBackend, load_model, run_generation
@@ -61,8 +61,7 @@ def train(name: str, overrides: list[str]) -> dict:
     try:
         return Trainer(compose_config(overrides), recipe_name=name).fit()
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
 
 
 def bundled_prompts(count: int, seed: int) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tunelab.trainers.config_schema import compose_config
+from tunelab.trainers.distributed import reset_accelerate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -45,3 +46,12 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("TUNELAB_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For modules whose tests build Trainers in this process (``pytestmark = pytest.mark.usefixtures(...)``):
+    Accelerate's state is a process-wide singleton, so each test's Trainer must not inherit the previous one's."""
+    yield
+    reset_accelerate()
+

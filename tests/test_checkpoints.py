@@ -11,24 +11,15 @@ import shutil
 import subprocess
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics, two_process_launch
 
 from tunelab.trainers import checkpoint
 from tunelab.trainers.checkpoint import CheckpointError
 from tunelab.trainers.config_check import ConfigError
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.trainer import RunDirError, Trainer
 
-
-def reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def trainer(out, *overrides) -> Trainer:

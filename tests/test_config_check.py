@@ -7,7 +7,6 @@ import os
 import re
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -16,12 +15,7 @@ from hydra.errors import ConfigCompositionException
 from tunelab.trainers import trainer as trainer_module
 from tunelab.trainers.config_check import ConfigError, check_config, check_resume_compatible, lr_range_note
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 BAD = [  # (override, what the message must say)

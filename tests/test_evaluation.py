@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.evaluation import (
     _chat,
     compare,
@@ -172,7 +173,6 @@ def test_model_against_itself_as_generating_baseline_ties_everywhere(models, tmp
 def test_training_logs_greedy_samples_of_the_first_eval_prompts_at_each_evaluation(tmp_path):
     """train.eval_samples=2, evaluations at steps 0, 2 and 4: six rows; the last ones are the trained model's own
     greedy answers (the export, generating from the same prompt ids, reproduces them)."""
-    from accelerate.state import AcceleratorState, GradientState
     from conftest import make_cfg
     from transformers import AutoModelForCausalLM
 
@@ -186,8 +186,7 @@ def test_training_logs_greedy_samples_of_the_first_eval_prompts_at_each_evaluati
         trainer = Trainer(cfg, recipe_name="samples")
         trainer.fit()
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 0, 2, 2, 4, 4]
     prompts = [prompt_ids(trainer.eval_ds[i]) for i in range(2)]

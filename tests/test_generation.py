@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from tunelab.data.onpolicy import read_jsonl
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.evaluation import generate_greedy
 from tunelab.trainers.generation import (
     SamplingSettings,
@@ -305,7 +306,6 @@ def test_shipped_pipeline_configs_set_known_options(name):
 
 @pytest.mark.slow
 def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
     from conftest import make_cfg
 
     from tunelab.trainers.trainer import Trainer
@@ -317,8 +317,7 @@ def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tm
     try:
         Trainer(make_cfg(overrides), recipe_name="sft").fit()
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     settings = SamplingSettings(2, 1.0, 1.0, 8, 5)
     outputs = {}
     for name, spec in (("checkpoint", out / "checkpoints" / "step_0000002"), ("run", out),

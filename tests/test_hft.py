@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from test_layout import tiny_model
 
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.hft import ATTENTION, FEED_FORWARD, HalfFineTuning, hft_options
 from tunelab.trainers.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def four_layer_model():
@@ -127,11 +122,9 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(tmp_path):
     option = "train.hft={stage_steps:3}"
     straight = run(tmp_path, "straight", option, steps=5)
     straight.fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     run(tmp_path, "resumed", option, "train.save_every=2", steps=2).fit()  # stops inside stage 0
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = run(tmp_path, "resumed", option, "resume=latest", steps=5)
     resumed.fit()
     assert resumed.half_fine_tuning.applied_steps() == 5

@@ -9,22 +9,17 @@ import datasets
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from test_layout import sft_examples, tiny_model
 
 from tunelab.data.collate import Collator
 from tunelab.data.fingerprint import dataset_fingerprint
 from tunelab.data.ifd import ifd_select, select_by_ifd
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.ifd_scores import answer_alone, score_config, score_ifd
 from tunelab.trainers.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def naive_mean_nll(model, ids: list[int], first_answer: int) -> float:
@@ -92,7 +87,7 @@ def test_recipe_scores_then_trains_on_the_selection(tmp_path):
     before = entry["scorer"]
     score_config(make_cfg(common, fast=False), scores)  # same data and scorer: read, not scored again
     assert next(iter(json.load(open(scores)).values()))["scorer"] == before
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     cfg = make_cfg([*common, f"data.stages.0.scores={scores}", "data.stages.0.keep_fraction=0.5",
                     f"output_dir={tmp_path / 'run'}", "export.enabled=false", "train.max_steps=4",
                     "train.eval_every=0", "train.log_every=1", "train.plot=false"], fast=False)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from test_layout import sft_examples, tiny_model
 
@@ -89,11 +88,7 @@ def test_masked_thought_rate_ramps_as_the_authors_trainer():
 
 # ---- in training runs ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def sft_run(tmp_path, name, *overrides, steps=3):

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from test_preference_data import data_cfg, string_row, write_jsonl
 
@@ -25,6 +24,7 @@ from tunelab.data.pipeline import build_datasets
 from tunelab.data.unpaired import label_balance_note, mismatched_partners
 from tunelab.losses import build_loss
 from tunelab.losses.kto import KTOLoss
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
 from tunelab.trainers.trainer import Trainer
@@ -268,8 +268,7 @@ def moved_policy(tok, bundled):
     with torch.no_grad():
         batch = batch.with_reference(CausalLMWithLogProbs(reference, chunk_size=16)(batch, Needs()).seq_logps)
     yield policy, batch
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.mark.parametrize("beta, desirable_weight, undesirable_weight", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.8)])

@@ -7,11 +7,11 @@ import os
 import re
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from safetensors import safe_open
 
 from tunelab.trainers import checkpoint
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.trainer import Trainer
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]  # dropout stays on: RNG must resume too
@@ -19,11 +19,7 @@ SHORT = ["train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.
          "export.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def trainer(out, *overrides) -> Trainer:
@@ -59,8 +55,7 @@ class Killed(Exception):
 
 def test_a_resumed_lora_run_has_the_losses_of_an_uninterrupted_one(tmp_path, monkeypatch):
     trainer(tmp_path / "straight", *LORA).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     save = checkpoint.save
 
     def save_then_die(*args, **kwargs):
@@ -71,8 +66,7 @@ def test_a_resumed_lora_run_has_the_losses_of_an_uninterrupted_one(tmp_path, mon
     with pytest.raises(Killed):  # dies right after writing the step-2 checkpoint
         trainer(tmp_path / "resumed", *LORA).fit()
     monkeypatch.setattr(checkpoint, "save", save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert checkpoint.read_state(step_dir(tmp_path / "resumed", 2))["model_weights"] == "trainable"
     trainer(tmp_path / "resumed", *LORA, "resume=latest").fit()
     straight, resumed = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "resumed"))
@@ -85,8 +79,7 @@ def test_a_lora_checkpoint_without_one_adapter_tensor_is_refused_by_file_and_nam
 
     out = tmp_path / "lora"
     trainer(out, *LORA, "train.max_steps=2").fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     saved = step_dir(out, 2)
     weights = load_file(os.path.join(saved, "model.safetensors"))
     dropped = sorted(weights)[0]

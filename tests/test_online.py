@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from tests.conftest import ROOT, make_cfg, read_metrics, two_process_launch
@@ -24,6 +23,7 @@ from tunelab.data.pipeline import build_datasets
 from tunelab.losses import build_loss
 from tunelab.losses.optune import OPTuneWeighting
 from tunelab.trainers.config_check import ConfigError, check_config
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.models import build_tokenizer, tiny_tokenizer
 from tunelab.trainers.online import step_seed
 from tunelab.trainers.trainer import Trainer
@@ -34,11 +34,7 @@ COMMON = ["recipe=dpo", "reference.strategy=frozen_copy", "train.scheduler=const
           "export.enabled=false", "train.log_every=1", "online.max_new_tokens=8", "train.lr=1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +77,7 @@ def test_an_online_step_equals_an_offline_step_on_the_pairs_it_wrote(reward_mode
     for pair in pairs:  # the chosen response is the better-rewarded one, and the rewards travel with the pair
         assert pair["chosen_reward"] > pair["rejected_reward"]
         assert pair["chosen"][:-1] == pair["rejected"][:-1] and pair["chosen"][-1]["role"] == "assistant"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     # the same init (same seed), one step on the written file with the whole file as the global batch
     offline = Trainer(make_cfg([*COMMON, f"output_dir={tmp_path / 'offline'}",
                                 f"data.path={tmp_path / 'online' / 'online' / 'step_1.jsonl'}",
@@ -101,12 +96,10 @@ def test_an_online_step_equals_an_offline_step_on_the_pairs_it_wrote(reward_mode
 def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(reward_model, tmp_path):
     whole = tmp_path / "whole"
     Trainer(online_cfg(reward_model, whole, "train.max_steps=3")).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     part = tmp_path / "part"
     Trainer(online_cfg(reward_model, part, "train.max_steps=2", "train.save_every=1")).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     Trainer(online_cfg(reward_model, part, "train.max_steps=3", "resume=latest")).fit()
     assert [m["loss"] for m in read_metrics(str(part))] == pytest.approx(
         [m["loss"] for m in read_metrics(str(whole))], abs=1e-6)
@@ -172,13 +165,11 @@ def test_two_processes_sample_for_their_own_prompts_and_step_as_one(reward_model
 def test_the_shipped_recipe_runs_with_a_reward_model_trained_by_recipe_reward(tmp_path):
     Trainer(make_cfg(["recipe=reward", f"output_dir={tmp_path / 'rm'}", "train.max_steps=2", "train.eval_every=0",
                       "train.eval_at_start=false"])).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     check_config(make_cfg(["recipe=online_dpo"], fast=False))  # a shipped recipe passes; the run start refuses it
     with pytest.raises(ValueError, match="needs online.reward_model"):
         Trainer(make_cfg(["recipe=online_dpo", f"output_dir={tmp_path / 'refused'}"], fast=False))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     summary = Trainer(make_cfg(["recipe=online_dpo", f"online.reward_model={tmp_path / 'rm' / 'export'}",
                                 f"output_dir={tmp_path / 'online'}", "train.max_steps=2", "train.progress_bar=false",
                                 "train.plot=false", "export.enabled=false"], fast=False)).fit()

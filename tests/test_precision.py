@@ -10,22 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from conftest import make_cfg
 
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.models import build_model, tiny_tokenizer
 from tunelab.trainers.optim import build_optimizer
 from tunelab.trainers.precision import resolve_precision
 from tunelab.trainers.reference import _match_dtypes
 from tunelab.trainers.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _state(deepspeed: bool = False, device: str = "cpu"):
@@ -124,8 +119,7 @@ def test_bf16_training_lowers_the_eval_loss_like_fp32(tmp_path):
         cfg = make_cfg(["train.max_steps=20", "train.lr=1e-5", "train.eval_every=0", "export.enabled=false",
                         f"output_dir={tmp_path / name}"] + overrides)
         summary = Trainer(cfg).fit()
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         return summary["eval_before"]["loss"] - summary["eval_after"]["loss"]
 
     fp32 = decrease("fp32", ["model.dtype=float32"])
@@ -224,8 +218,7 @@ def test_a_reference_cache_made_at_another_precision_is_recomputed(tmp_path, cac
     common = ["recipe=dpo", "reference.strategy=precomputed", "data.sources.0.num_rows=80"]
     Trainer(make_cfg(common + ["train.mixed_precision=no", f"output_dir={tmp_path / 'fp32'}"]))
     made = sorted(os.listdir(cache_dir / "ref_logps"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     trainer = Trainer(make_cfg(common + ["train.mixed_precision=bf16", f"output_dir={tmp_path / 'bf16'}"]))
     assert len(made) == 2 and len(os.listdir(cache_dir / "ref_logps")) == 4  # train and eval, once per precision
     assert abs(trainer.evaluate()["loss"] - math.log(2)) < 1e-6

@@ -8,21 +8,17 @@ import os
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import RECIPES, make_cfg, read_metrics
 
 from tunelab.losses import build_loss
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.trainer import Trainer
 
 PREFERENCE_RECIPES = ["dpo", "ipo", "simpo", "rpo", "rpo_average", "wpo", "orpo", "cpo", "mpo"]
 ALL_RECIPES = sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "recipe")) if f.endswith(".yaml"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---- composition ----------------------------------------------------------------------------------------------
@@ -361,8 +357,7 @@ def test_tr_dpo_resumes_with_the_moved_reference_and_needs_a_frozen_copy(tmp_pat
     fixed = step_losses(tmp_path, "fixed", "reference.strategy=frozen_copy", *fast)
     assert straight[0] == pytest.approx(fixed[0], abs=1e-7)  # the reference moves after step 1...
     assert straight[1] != pytest.approx(fixed[1], abs=1e-4)  # ...and step 2 scores against the moved one
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = step_losses(tmp_path, "resumed", *tr, f"resume={tmp_path / 'straight' / 'checkpoints' / 'step_0000002'}")
     assert resumed == pytest.approx(straight[2:], abs=1e-6)
     with pytest.raises(ValueError, match="needs reference.strategy=frozen_copy"):
@@ -389,8 +384,7 @@ def test_bco_shift_is_the_mean_of_the_past_steps_rewards_whatever_the_micro_batc
 
 def test_bco_shift_is_checkpointed_and_a_resume_continues_it(tmp_path):
     straight = short_run(tmp_path, "straight", *BCO, "train.save_every=2", steps=4)[1]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     checkpoint = tmp_path / "straight" / "checkpoints" / "step_0000002"
     resumed = short_run(tmp_path, "resumed", *BCO, f"resume={checkpoint}", steps=4)[1]
     assert [r["dpo/reward_shift"] for r in resumed] == pytest.approx([r["dpo/reward_shift"] for r in straight[2:]],

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from transformers import AutoModelForSequenceClassification
 
@@ -102,11 +101,7 @@ SCORES = Needs(pairs=True, sequence_scores=True, token_logps=False)
 RESPONSES = ("chosen_ids", "rejected_ids")  # the collator's sequence order within a pair
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def classifier_and_pairs():

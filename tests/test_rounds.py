@@ -13,7 +13,6 @@ import signal
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
@@ -21,6 +20,7 @@ from tunelab.data.formats import RowError
 from tunelab.data.onpolicy import NO_GENERATION, SAME_AS_GOLD, gold_pairs, gold_response, read_jsonl
 from tunelab.data.prompt_selection import lowest_reward, select_prompts
 from tunelab.trainers import rounds as rounds_module
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.interrupt import TrainingInterrupted
 from tunelab.trainers.models import build_model, build_tokenizer, tiny_tokenizer
@@ -29,12 +29,7 @@ from tunelab.trainers.rounds import RoundsRunner
 from tunelab.trainers.scoring import NO_STATS
 from tunelab.trainers.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +75,7 @@ def same_rounds(a, b, count: int = 2) -> None:
 def uninterrupted(judge, tmp_path_factory, cache_dir_module):
     out = tmp_path_factory.mktemp("runs") / "whole"
     run(judge, out)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out
 
 
@@ -141,8 +135,7 @@ def test_resume_mid_generation_and_between_rounds_equals_the_uninterrupted_run(j
     state = json.load(open(between / "rounds.json"))
     json.dump({"rounds": state["rounds"][:1]}, open(between / "rounds.json", "w"))
     run(judge, between, "resume=auto")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     same_rounds(uninterrupted, between)
 
     # mid-generation in round 1: two prompts written, a third torn mid-line, nothing after it
@@ -179,8 +172,7 @@ def test_resume_after_a_signal_mid_training_equals_the_uninterrupted_run(judge, 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
     with pytest.raises(TrainingInterrupted, match=r"round 1: .*resume=auto"):
         run(judge, out)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert "trained" not in json.load(open(out / "rounds.json"))["rounds"][1]
     monkeypatch.setattr(Trainer, "train_step", original)
     run(judge, out, "resume=auto")
@@ -204,8 +196,7 @@ def reference_and_direct(runner: RoundsRunner, k: int, direct_model, out) -> tup
     wrapper = CausalLMWithLogProbs(direct_model.eval(), 1024, attention_tile=trainer.cfg.train.attention_tile)
     with torch.no_grad():
         direct = wrapper(batch, NO_STATS).seq_logps
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return served, direct
 
 

@@ -10,7 +10,6 @@ import datasets
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT, make_cfg, read_metrics
 
 from tunelab.data.collate import Collator
@@ -21,6 +20,7 @@ from tunelab.data.sampler import ORDERINGS, micro_batches
 from tunelab.data.sftmix import CONFIDENCE_FILE, sftmix_split, split_groups
 from tunelab.losses import build_loss
 from tunelab.losses.sftmix import SFTMixLoss, mixed_token_nll, pair_sequences
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.forward import CausalLMWithLogProbs, target_logps
 from tunelab.trainers.models import build_model, build_tokenizer
 from tunelab.trainers.scoring import rank_batches, score_examples
@@ -32,12 +32,7 @@ from tunelab.trainers.sftmix_scores import (
     select_checkpoints,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---- mixing maths on hand-made tensors ----------------------------------------------------------------------
@@ -263,11 +258,6 @@ def test_rank_batches_split_items_in_blocks_and_keep_ranks_in_lockstep():
 # ---- the chain on the tiny model ----------------------------------------------------------------------------
 class Killed(Exception):
     pass
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.slow

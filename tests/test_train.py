@@ -7,23 +7,18 @@ import os
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg, read_metrics
 from omegaconf import OmegaConf
 
 from tunelab.trainers import checkpoint
 from tunelab.trainers import trainer as trainer_module
 from tunelab.trainers.config_check import ConfigError
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.models import build_model
 from tunelab.trainers.tracking import RunTracker, format_summary, metrics_figure
 from tunelab.trainers.trainer import NonFiniteError, StepResult, Trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def run(tmp_path, name, *overrides, fit=True):
@@ -81,8 +76,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         run(tmp_path, "resumed", *common)
     monkeypatch.setattr(checkpoint, "save", save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     run(tmp_path, "resumed", *common, "resume=latest")
     straight = [r["loss"] for r in read_metrics(str(tmp_path / "straight"))]
     resumed = [r["loss"] for r in read_metrics(str(tmp_path / "resumed"))]
@@ -138,8 +132,7 @@ def test_nonfinite_loss_stops_with_a_message_or_is_skipped(tmp_path):
     with pytest.raises(NonFiniteError, match="train.on_nonfinite=skip"):
         run(tmp_path, "nan", "train.max_steps=3", "train.eval_every=0", "train.lr=1e30", "train.max_grad_norm=null",
             "train.optimizer=sgd", "train.warmup_steps=0")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     _, summary = run(tmp_path, "nan_skip", "train.max_steps=3", "train.eval_every=0", "train.lr=1e30",
                      "train.max_grad_norm=null", "train.optimizer=sgd", "train.warmup_steps=0",
                      "train.on_nonfinite=skip")

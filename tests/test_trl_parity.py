@@ -17,13 +17,13 @@ import copy
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from conftest import make_cfg
 
 from tunelab.data.collate import Collator
 from tunelab.data.contract import STAT_LOG_SUM_P2, UNIT_PAIRS, Needs
 from tunelab.data.pipeline import build_datasets
 from tunelab.losses import build_loss
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.forward import CausalLMWithLogProbs
 from tunelab.trainers.models import build_model, build_tokenizer
 
@@ -59,8 +59,7 @@ def setup(tmp_path_factory):
                     for i, ex in enumerate(examples)]
     yield {"cfg": cfg, "tokenizer": tokenizer, "examples": examples, "policy": policy, "batch": batch,
            "trl_examples": trl_examples, "tmp": tmp_path_factory.mktemp("trl")}
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def naive_logps(model, examples, pad_id: int):

@@ -26,6 +26,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
 log = logging.getLogger("tunelab")
@@ -62,6 +63,13 @@ def end_process_group() -> None:
     state = PartialState()
     state.wait_for_everyone()
     state.destroy_process_group()
+
+
+def reset_accelerate() -> None:
+    """Forget a finished Trainer's Accelerate state (a process-wide singleton), so that the next Trainer in the
+    same process (the next round, demo stage or test) builds its own Accelerator."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def _skip_shm_kernel() -> None:

@@ -43,7 +43,6 @@ import time
 
 import torch
 from accelerate import PartialState
-from accelerate.state import AcceleratorState, GradientState
 from omegaconf import OmegaConf
 
 from tunelab.data.formats import RowError
@@ -51,6 +50,7 @@ from tunelab.data.onpolicy import PairStats, build_pairs, gold_pairs, gold_respo
 from tunelab.data.prompt_selection import select_prompts
 from tunelab.data.sources import load_rows
 from tunelab.losses import build_loss
+from tunelab.trainers.distributed import reset_accelerate
 from tunelab.trainers.files import write_json_atomic
 from tunelab.trainers.generation import SamplingSettings, TransformersBackend, VllmBackend, run_generation
 from tunelab.trainers.interrupt import TrainingInterrupted
@@ -92,12 +92,6 @@ def read_prompt_rows(spec) -> tuple[list[list[dict]], list[dict]]:
             raise ValueError(f"rounds.prompts: {row['_source']} row {row['_row']}: {err}") from err
         raw.append({**clean, "_where": f"{row['_source']} row {row['_row']}"})
     return turns, raw
-
-
-def reset_accelerate() -> None:
-    """Forget the finished Trainer's Accelerate state, so that the next round's Trainer builds its own."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class RoundsRunner:
