@@ -50,7 +50,9 @@ def tokens_per_word(tokenizer) -> float:
 def example_tokens(tokenizer, prompt: str, responses: list[str]) -> int:
     """Tokens of an example as the chat template lays it out (prompt once, each response)."""
     messages = [{"role": "user", "content": prompt}]
-    total = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    # tokenize=False: with tokenize=True, transformers 5 returns a BatchEncoding, whose len() is its key count
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    total = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     return total + sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 2 for r in responses)
 
 
