@@ -2,7 +2,9 @@
 offline DPO step on the pairs it sampled and wrote, a resumed run samples and trains exactly as an uninterrupted one,
 LoRA generates through its adapter, ties are dropped and counted, and the config refusals name what to change.
 OPTune's utility weighting (losses/optune.py): weights and gradients by hand, the reward columns of a pairs file
-through the data pipeline, and online pairs weighted by it."""
+through the data pipeline, and online pairs weighted by it. The vLLM backend (trainers/vllm_sync.py): the pushed
+weights equal the merged export's (LoRA) or the state dict, and with a stub engine in place of vllm.LLM a run pushes
+before every sampling and samples and trains as the transformers backend does."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import json
 import math
 import os
 import subprocess
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from accelerate import Accelerator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from tests.conftest import ROOT, make_cfg, read_metrics, two_process_launch
 from tests.test_preference_losses import SEQS, make_out, pairs
@@ -24,9 +29,13 @@ from tunelab.losses import build_loss
 from tunelab.losses.optune import OPTuneWeighting
 from tunelab.trainers.config_check import ConfigError, check_config
 from tunelab.trainers.distributed import reset_accelerate
-from tunelab.trainers.models import build_tokenizer, tiny_tokenizer
+from tunelab.trainers.export import export_model
+from tunelab.trainers.forward import CausalLMWithLogProbs
+from tunelab.trainers.generation import SamplingSettings, TransformersBackend
+from tunelab.trainers.models import DTYPES, build_model, build_tokenizer, tiny_tokenizer
 from tunelab.trainers.online import step_seed
 from tunelab.trainers.trainer import Trainer
+from tunelab.trainers.vllm_sync import policy_weights
 
 # constant lr without warmup: the first step moves the weights, and a resume with another max_steps keeps the lr
 COMMON = ["recipe=dpo", "reference.strategy=frozen_copy", "train.scheduler=constant", "train.warmup_ratio=0",
@@ -266,3 +275,139 @@ def test_online_pairs_compose_with_the_optune_weighting(reward_model, tmp_path):
     expected = [2 / (1 + math.exp(-(p["chosen_reward"] - p["rejected_reward"]))) - 1 for p in pairs_written]
     logged = result.metrics.reduce(trainer.accelerator)
     assert logged["optune/weight_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+# ---- online.backend=vllm: the colocated engine and its weight sync (trainers/vllm_sync.py) ------------------------
+ENGINE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def lora_model_with_trained_adapter():
+    """The tiny policy with LoRA on every linear layer, its adapters drawn at random (a fresh adapter's B is zero,
+    which would make the merge the identity)."""
+    cfg = make_cfg(["model.lora.enabled=true"])
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    draws = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=draws) * 0.1)
+    return model, tokenizer
+
+
+def test_policy_weights_of_a_lora_policy_are_the_merged_exports_state_dict(tmp_path):
+    model, tokenizer = lora_model_with_trained_adapter()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pushed = {name: tensor.clone() for name, tensor in policy_weights(model)}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)  # bit-identical
+    # the independent merge: peft's merge_and_unload in our export, written and read back by transformers
+    export_model(Accelerator(cpu=True), CausalLMWithLogProbs(model), tokenizer, str(tmp_path), merge_lora=True)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").state_dict()
+    assert sorted(pushed) == sorted(exported)
+    assert "model.layers.0.self_attn.q_proj.weight" in pushed and not any("lora" in n for n in pushed)
+    for name, tensor in exported.items():
+        assert torch.allclose(pushed[name], tensor, atol=1e-6, rtol=0), name
+    base = before["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"]
+    assert float((pushed["model.layers.0.mlp.down_proj.weight"] - base).abs().max()) > 1e-2  # the adapter counted
+
+
+def test_policy_weights_of_a_full_policy_are_its_state_dict():
+    cfg = make_cfg([])
+    model = build_model(cfg.model, build_tokenizer(cfg.model), cfg.seed)
+    pushed = dict(policy_weights(model))
+    state = model.state_dict()
+    assert list(pushed) == list(state) and all(torch.equal(pushed[n], state[n]) for n in state)
+
+
+class StubLLM:
+    """The surface of vllm.LLM that the colocated engine uses, over a transformers model built from the directory
+    the engine writes (dummy weights: random until pushed). ``load_weights`` takes a pushed (name, tensor) only
+    under a name and shape of that model's state dict; generation refuses to run unless every tensor was pushed
+    since the previous one, then samples with TransformersBackend and the requests' own seeds."""
+
+    built: list[StubLLM] = []
+
+    def __init__(self, model, dtype, max_model_len, seed, distributed_executor_backend, gpu_memory_utilization,
+                 load_format):
+        assert (load_format, distributed_executor_backend) == ("dummy", "external_launcher")
+        assert gpu_memory_utilization == 0.3 and all(key in os.environ for key in ENGINE_ENV)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=DTYPES[dtype]).eval()
+        self.state = self.net.state_dict()
+        self.pushed: set[str] = set()
+        self.events: list[str] = []
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
+            model_runner=runner)))
+        StubLLM.built.append(self)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def load_weights(self, weights):
+        for name, tensor in weights:
+            assert name in self.state and tensor.shape == self.state[name].shape, name
+            with torch.no_grad():
+                self.state[name].copy_(tensor)
+            self.pushed.add(name)
+
+    def reset_prefix_cache(self):
+        self.events.append("push" if self.pushed == set(self.state) else f"partial push of {len(self.pushed)}")
+        self.pushed = set()
+
+    def generate(self, requests, params, use_tqdm):
+        assert self.events and self.events[-1] == "push", self.events  # every weight pushed since the last sampling
+        self.events.append("generate")
+        first = params[0]
+        settings = SamplingSettings(temperature=first.temperature, top_p=first.top_p, max_new_tokens=first.max_tokens)
+        texts = [self.tokenizer.decode(r["prompt_token_ids"]) for r in requests]
+        sampled = TransformersBackend(self.net, self.tokenizer, len(texts))._batch(texts, [p.seed for p in params],
+                                                                                     settings)
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                                         token_ids=tokens,
+                                                         finish_reason="stop" if reason == "eos" else "length")])
+                for tokens, reason in sampled]
+
+
+@pytest.fixture
+def stub_vllm(monkeypatch):
+    """StubLLM in place of vllm.LLM (a fake ``vllm`` package), the CUDA check passed, and the launcher's
+    environment variables, which the engine sets, restored afterwards."""
+    fake, inputs = ModuleType("vllm"), ModuleType("vllm.inputs")
+    fake.LLM, fake.SamplingParams, inputs.TokensPrompt = StubLLM, SimpleNamespace, dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr("tunelab.trainers.config_check.vllm_problem", lambda: None)
+    for key in ENGINE_ENV:  # recorded as they are now, so that teardown restores them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    StubLLM.built = []
+    return StubLLM
+
+
+@pytest.mark.parametrize("lora", [[], pytest.param(["model.lora.enabled=true", "reference.strategy=auto",
+                                                   "train.lr=2e-2"], marks=pytest.mark.slow)], ids=["full", "lora"])
+def test_the_vllm_backend_with_its_sync_samples_and_trains_as_the_transformers_one(reward_model, tmp_path,
+                                                                                      stub_vllm, lora):
+    steps = ["train.max_steps=3", *lora]
+    Trainer(online_cfg(reward_model, tmp_path / "hf", *steps)).fit()
+    reset_accelerate()
+    vllm = ["online.backend=vllm", "online.vllm_dtype=float32"]
+    Trainer(online_cfg(reward_model, tmp_path / "vllm", *steps, *vllm)).fit()
+    (engine,) = stub_vllm.built  # one engine, built once
+    assert engine.events == ["push", "generate"] * 3
+    for step in (1, 2, 3):
+        name = os.path.join("online", f"step_{step}.jsonl")
+        assert read_jsonl(str(tmp_path / "vllm" / name)) == read_jsonl(str(tmp_path / "hf" / name))
+    assert [m["loss"] for m in read_metrics(str(tmp_path / "vllm"))] == pytest.approx(
+        [m["loss"] for m in read_metrics(str(tmp_path / "hf"))], abs=1e-6)
+    assert all(m["online/sync_s"] > 0 for m in read_metrics(str(tmp_path / "vllm")))
+    summaries = read_jsonl(str(tmp_path / "vllm" / "online" / "steps.jsonl"))[0]
+    assert [s["step"] for s in summaries] == [1, 2, 3] and all(s["sync_s"] > 0 for s in summaries)
+
+
+def test_the_vllm_backend_is_refused_without_cuda_naming_the_key(reward_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="online.backend=vllm needs a CUDA GPU"):
+        check_config(online_cfg(reward_model, tmp_path / "bad", "online.backend=vllm"))

@@ -26,6 +26,7 @@ from tunelab.trainers.liger import liger_problem
 from tunelab.trainers.models import DTYPES
 from tunelab.trainers.optim import OPTIMIZERS, SCHEDULERS
 from tunelab.trainers.tracking import TRACKERS
+from tunelab.trainers.vllm_sync import vllm_problem
 
 _ABSENT = object()
 
@@ -107,6 +108,9 @@ RULES: tuple[Rule, ...] = (
          lambda v: _is_number(v) and v > 0),
     Rule("online.top_p", "a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     Rule("online.reward_dtype", _choices(*DTYPES), one_of(*DTYPES)),
+    Rule("online.backend", _choices("transformers", "vllm"), one_of("transformers", "vllm")),
+    Rule("online.vllm_gpu_memory_utilization", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
+    Rule("online.vllm_dtype", _choices(*DTYPES), one_of(*DTYPES)),
     Rule("train.trackers", "a list of any of " + ", ".join(TRACKERS) + " (or null)",
          lambda v: v is None or (OmegaConf.is_list(v) or isinstance(v, list)) and all(n in TRACKERS for n in v)),
 )
@@ -217,7 +221,12 @@ def _online_is_servable(cfg) -> str | None:
     if OmegaConf.select(cfg, "rounds.count", default=0):
         problems.append("online.enabled=true and rounds.count > 0 are two ways of generating the training pairs; "
                         "choose one")
-    return "; ".join(problems) or None
+    if OmegaConf.select(cfg, "online.backend", default="transformers") == "vllm":
+        problems.append(vllm_problem())
+        if OmegaConf.select(cfg, "model.load_in_4bit", default=False):
+            problems.append("online.backend=vllm with model.load_in_4bit=true: the 4-bit base would have to be "
+                            "dequantized for every push; use online.backend=transformers with QLoRA")
+    return "; ".join(p for p in problems if p) or None
 
 
 def _sequence_parallel_is_servable(cfg) -> str | None:
@@ -289,6 +298,7 @@ RESUME_MAY_CHANGE = (
     "train.progress_bar", "train.plot", "train.trackers", "train.wandb_mode", "train.project",
     "train.micro_batch_size", "train.logits_chunk_size", "train.logits_keep_mb", "train.attention_tile",
     "model.gradient_checkpointing", "model.recommended", "data.num_proc", "reference.cache_dir",
+    "online.vllm_gpu_memory_utilization",
 )
 
 

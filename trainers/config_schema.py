@@ -172,6 +172,13 @@ class OnlineConfig:
     top_p: float = option(1.0, "nucleus sampling mass (1: no truncation of the policy's distribution)")
     max_new_tokens: int = option(64, "new tokens per sample at most (tiny default; raise for real models)")
     batch_size: int = option(8, "sequences per generation and per reward-model forward")
+    backend: str = option("transformers", "transformers (the policy itself, any device) | vllm (a colocated vLLM "
+                          "engine per rank, CUDA; the policy's weights pushed before each step: trainers/vllm_sync.py)")
+    vllm_gpu_memory_utilization: float = option(0.3, "backend vllm: share of the GPU's memory the engine may take for "
+                                                 "its weights and KV cache; the rest is training's (0.3: TRL's "
+                                                 "colocated default, GRPOConfig.vllm_gpu_memory_utilization)")
+    vllm_dtype: str = option("bfloat16", "backend vllm: the engine's dtype (pushed weights are cast to it on load); "
+                             "bfloat16, vLLM's usual GPU dtype, halves a float32 policy's sync")
 
 
 @dataclass

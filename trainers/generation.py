@@ -263,11 +263,13 @@ class TransformersBackend:
 class VllmBackend:
     """vLLM on a GPU (``pip install vllm``): same schema; each sample seeded per request with ``sample_seed``, so its
     draws do not depend on batching either (vLLM's per-request generator), though vLLM's kernels and its sampler
-    differ from transformers', so the two backends give different samples for one seed."""
+    differ from transformers', so the two backends give different samples for one seed. ``engine_options`` go to
+    ``vllm.LLM`` as they are (online DPO's colocated engine, trainers/vllm_sync.py, passes its launcher, memory share
+    and dummy weights)."""
 
     name = "vllm"
 
-    def __init__(self, spec: str, dtype: str = "bfloat16", max_model_len: int | None = None):
+    def __init__(self, spec: str, dtype: str = "bfloat16", max_model_len: int | None = None, **engine_options):
         try:
             from vllm import LLM
         except ImportError as err:
@@ -275,7 +277,7 @@ class VllmBackend:
         if spec.endswith(".gguf"):
             folder, name = _gguf_location(spec)
             spec = os.path.join(folder, name)
-        self.llm = LLM(model=spec, dtype=dtype, max_model_len=max_model_len, seed=0)
+        self.llm = LLM(model=spec, dtype=dtype, max_model_len=max_model_len, **{"seed": 0, **engine_options})
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, items: list[tuple[int, list[dict]]], settings: SamplingSettings) -> list[dict]:
@@ -289,7 +291,7 @@ class VllmBackend:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
                                              max_tokens=settings.max_new_tokens,
-                                             seed=sample_seed(settings.seed, i, j) % (2 ** 31)))
+                                             seed=sample_seed(settings.seed, i, j)))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = []
         for k in range(len(items)):

@@ -8,7 +8,9 @@ and step) and hands each rank its micro-batches of prompts; ``OnlineSource`` tur
 1. sample ``online.samples_per_prompt`` responses per prompt from the policy as it is now (the unwrapped model, LoRA
    adapter included, in eval mode and without gradient; trainers/generation.TransformersBackend: the tokenizer's
    chat template, KV cache). Each sample has its own generator seeded by (seed, step, prompt index, sample index)
-   (``step_seed`` then generation's ``sample_seed``), so a resumed run regenerates the very same samples;
+   (``step_seed`` then generation's ``sample_seed``), so a resumed run regenerates the very same samples. With
+   ``online.backend=vllm`` a colocated vLLM engine samples instead (trainers/vllm_sync.py: built at the first step,
+   the policy's weights pushed to it before every step's sampling, seeded per sample in the same way);
 2. score every sample with the reward model (trainers/reward_scoring.RewardScorer, no cache: each text is new);
 3. pair best against worst (data/onpolicy.best_and_worst; with two samples, the better against the other). A prompt
    whose samples tie (equal rewards, which includes identical texts) or are empty gives no pair: it is dropped and
@@ -22,8 +24,9 @@ and step) and hands each rank its micro-batches of prompts; ``OnlineSource`` tur
 Each step's pairs, with their rewards, are written to ``<run>/online/step_<n>.jsonl`` (``.rank<r>-of-<W>`` under
 data parallelism; each rank generates for its own micro-batches), in the ``pairwise_messages`` format that
 ``train.py data.path=<file> data.format=pairwise_messages`` reads, and a summary line per step and rank (prompts,
-pairs, drops by reason, mean reward, seconds spent generating and scoring) to ``online/steps.jsonl`` (a resumed run
-rewrites the step files it redoes with the same pairs, and appends their summaries again).
+pairs, drops by reason, mean reward, seconds spent generating and scoring, and with vLLM pushing the weights) to
+``online/steps.jsonl`` (a resumed run rewrites the step files it redoes with the same pairs, and appends their
+summaries again).
 
 Each rank samples with its whole model, so the source runs with one process, DDP or ZeRO-1/2 (ZeRO-3 and FSDP are
 refused: the ranks' generation lengths differ, and a sharded model's gathers need every rank in step).
@@ -57,6 +60,7 @@ from tunelab.losses.base import Metric
 from tunelab.trainers.distributed import zero_stage
 from tunelab.trainers.generation import SamplingSettings, TransformersBackend, chat_text, shard_path
 from tunelab.trainers.reward_scoring import RewardScorer, load_reward_model
+from tunelab.trainers.vllm_sync import ColocatedEngine
 
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")  # the per-pair columns a pair weighting may read
 
@@ -118,16 +122,26 @@ class OnlineSource:
         self.template = build_template(cfg.data.template, tokenizer, **formatting_options(cfg.data))
         self.folder = os.path.join(output_dir, "online")
         self.metrics: dict[str, Metric] = {}  # the last step's, added to the step's metrics by the Trainer
+        self.backend = online.backend
+        self.engine = None  # online.backend=vllm: built at the first step, which hands the source the policy
 
     def pairs(self, step: int, prompts: list[tuple[int, list[dict]]], model) -> tuple[list[dict], dict]:
         """(pair rows, summary) for ``prompts`` = [(dataset index, turns)] of ``step``, sampled from ``model``."""
         settings = SamplingSettings(**self.sampling, seed=step_seed(self.seed, step))
+        synced = {}
+        if self.backend == "vllm":
+            if self.engine is None:
+                online = self.cfg.online
+                self.engine = ColocatedEngine(model, self.tokenizer, self.accelerator, online.vllm_dtype,
+                                              online.vllm_gpu_memory_utilization)
+            synced["sync_s"] = self.engine.push(model)  # the weights as they are now, before this step samples
         was_training = model.training
         model.eval()
         started = time.perf_counter()
         try:
             with torch.no_grad():
-                generated = TransformersBackend(model, self.tokenizer, self.batch_size).generate(prompts, settings)
+                sampler = self.engine or TransformersBackend(model, self.tokenizer, self.batch_size)
+                generated = sampler.generate(prompts, settings)
         finally:
             model.train(was_training)
         generated_at = time.perf_counter()
@@ -150,7 +164,7 @@ class OnlineSource:
         summary = {"step": step + 1, "rank": self.accelerator.process_index, "prompts": len(prompts),
                    "pairs": len(rows), "dropped": dict(dropped), "samples": len(scores),
                    "reward_sum": float(sum(scores)), "generate_s": generated_at - started,
-                   "score_s": scored_at - generated_at}
+                   "score_s": scored_at - generated_at, **synced}
         return rows, summary
 
     def examples(self, rows: list[dict], dropped: Counter) -> tuple[list[dict], list[dict]]:
@@ -201,6 +215,8 @@ class OnlineSource:
             "online/generate_s": Metric(summary["generate_s"]),
             "online/score_s": Metric(summary["score_s"]),
         }
+        if "sync_s" in summary:
+            self.metrics["online/sync_s"] = Metric(summary["sync_s"])
         if len(examples) < len(micro):
             raise RuntimeError(
                 f"online step {step + 1}, rank {self.accelerator.process_index}: {len(examples)} pairs from "
