@@ -261,11 +261,11 @@ class TransformersBackend:
 
 
 class VllmBackend:
-    """vLLM on a GPU (``pip install vllm``): same schema; each sample seeded per request with ``sample_seed``, so its
-    draws do not depend on batching either (vLLM's per-request generator), though vLLM's kernels and its sampler
-    differ from transformers', so the two backends give different samples for one seed. ``engine_options`` go to
-    ``vllm.LLM`` as they are (online DPO's colocated engine, trainers/vllm_sync.py, passes its launcher, memory share
-    and dummy weights)."""
+    """vLLM on a GPU (``pip install vllm``): same schema; each sample seeded per request with the whole 63-bit
+    ``sample_seed``, as the transformers backend seeds its generators, so its draws do not depend on batching either
+    (vLLM's per-request generator), though vLLM's kernels and its sampler differ from transformers', so the two
+    backends give different samples for one seed. ``engine_options`` go to ``vllm.LLM`` as they are (online DPO's
+    colocated engine, trainers/vllm_sync.py, passes its launcher, memory share and dummy weights)."""
 
     name = "vllm"
 
