@@ -388,10 +388,14 @@ class MachinePeak:
                 f"{self.load:.2f}")
 
 
-def step_timer(times: list, marks: dict):
-    """A transformers TrainerCallback recording the wall time between consecutive step ends (data loading,
-    forward, backward, optimizer step), for TRL's trainers."""
+def train_trl(trainer, lengths: list, warmup: int, start: float) -> dict:
+    """Runs a TRL trainer (whose ``training_step`` appends each batch's token counts to ``lengths``) and returns the
+    child report of its steps after ``warmup``: the wall time between consecutive step ends (data loading, forward,
+    backward, optimizer step), the token counts, the logged losses and the setup time since ``start``."""
+    import torch
     from transformers import TrainerCallback
+
+    times, marks = [], {}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -403,7 +407,11 @@ def step_timer(times: list, marks: dict):
             times.append(now - marks["last_end"])
             marks["last_end"] = now
 
-    return StepTimer()
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_times": times[warmup:], "step_lengths": lengths[warmup:], "losses": losses,
+            "setup_s": marks["first_begin"] - start, "threads": torch.get_num_threads()}
 
 
 def dims_of(reports: list[dict], small: bool) -> dict:

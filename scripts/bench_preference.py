@@ -87,7 +87,6 @@ def _trl_common(args, tmp: str):
 
 
 def child_trl_dpo(args, precompute: bool) -> dict:
-    import torch
     from trl import DPOConfig, DPOTrainer
 
     start = time.perf_counter()
@@ -113,16 +112,10 @@ def child_trl_dpo(args, precompute: bool) -> dict:
     # built in code does not have
     reference = None if precompute else copy.deepcopy(model).eval()
     trainer = Recorded(model=model, ref_model=reference, args=config, train_dataset=ds, processing_class=tokenizer)
-    times, marks = [], {}
-    trainer.add_callback(bc.step_timer(times, marks))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": times[args.warmup:], "step_lengths": lengths[args.warmup:], "losses": losses,
-            "setup_s": marks["first_begin"] - start, "threads": torch.get_num_threads()}
+    return bc.train_trl(trainer, lengths, args.warmup, start)
 
 
 def child_trl_simpo(args) -> dict:
-    import torch
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     start = time.perf_counter()
@@ -148,12 +141,7 @@ def child_trl_simpo(args) -> dict:
         seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
     )
     trainer = Recorded(model=model, args=config, train_dataset=ds, processing_class=tokenizer)
-    times, marks = [], {}
-    trainer.add_callback(bc.step_timer(times, marks))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": times[args.warmup:], "step_lengths": lengths[args.warmup:], "losses": losses,
-            "setup_s": marks["first_begin"] - start, "threads": torch.get_num_threads()}
+    return bc.train_trl(trainer, lengths, args.warmup, start)
 
 
 # ---- exactness check --------------------------------------------------------------------------------------------

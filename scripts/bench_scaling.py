@@ -109,7 +109,6 @@ def child_ours(args, kind: str) -> dict:
 
 def child_trl(args, kind: str) -> dict:
     import datasets
-    import torch
     from bench_sft import _trl_lengths
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -150,12 +149,7 @@ def child_trl(args, kind: str) -> dict:
         config = DPOConfig(per_device_train_batch_size=per_step, max_length=args.length, beta=BETA,
                            loss_type=["sigmoid"], precompute_ref_log_probs=True, **common)
     trainer = Recorded(model=model, args=config, train_dataset=ds, processing_class=tokenizer)
-    times, marks = [], {}
-    trainer.add_callback(bc.step_timer(times, marks))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": times[args.warmup:], "step_lengths": lengths[args.warmup:], "losses": losses,
-            "setup_s": marks["first_begin"] - start, "threads": torch.get_num_threads()}
+    return bc.train_trl(trainer, lengths, args.warmup, start)
 
 
 # ---- parent -----------------------------------------------------------------------------------------------------

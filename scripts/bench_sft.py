@@ -83,7 +83,6 @@ def _trl_lengths(inputs) -> list[list[int]]:
 
 def child_trl(args, packing: bool) -> dict:
     import datasets
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.trainers.models import build_model
@@ -111,12 +110,7 @@ def child_trl(args, packing: bool) -> dict:
         dataloader_num_workers=0, bf16=False, fp16=False,
     )
     trainer = Recorded(model=model, args=config, train_dataset=ds, processing_class=tokenizer)
-    times, marks = [], {}
-    trainer.add_callback(bc.step_timer(times, marks))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": times[args.warmup:], "step_lengths": lengths[args.warmup:], "losses": losses,
-            "setup_s": marks["first_begin"] - start, "threads": torch.get_num_threads()}
+    return bc.train_trl(trainer, lengths, args.warmup, start)
 
 
 # ---- exactness check --------------------------------------------------------------------------------------------
