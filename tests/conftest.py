@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 
 from tunelab.trainers.config_schema import compose_config
-from tunelab.trainers.distributed import reset_accelerate
+from tunelab.trainers.distributed import free_port, reset_accelerate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -28,9 +27,7 @@ def make_cfg(overrides: list[str], fast: bool = True):
 
 def two_process_launch() -> list[str]:
     """The command that runs train.py as two CPU processes (DDP over gloo) on a free port; append overrides."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             os.path.join(RECIPES, "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
             "--main_process_port", str(port), os.path.join(ROOT, "train.py")]

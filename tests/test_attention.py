@@ -16,6 +16,7 @@ from tunelab.data.collate import Collator, attention_mask
 from tunelab.data.contract import Needs
 from tunelab.trainers import attention, flex
 from tunelab.trainers.attention import query_tiles
+from tunelab.trainers.distributed import free_port
 from tunelab.trainers.flash_varlen import varlen_boundaries, varlen_inputs
 from tunelab.trainers.forward import CausalLMWithLogProbs
 
@@ -424,13 +425,10 @@ def test_deepspeed_ulysses_around_tiled_sdpa_equals_the_unsharded_forward_on_two
     """What sequence parallelism would build on: DeepSpeed 0.19.8's UlyssesSPAttentionHF runs its all-to-all on gloo
     (two CPU processes), passes tiled_sdpa's layout keywords through, and the sharded body's hidden states and
     summed gradients equal the unsharded dense-SDPA body's."""
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     mp.spawn(_ulysses_worker, args=(port, str(tmp_path)), nprocs=2)
     dense, _ = model_pair(2)
     ids, positions, doc_ids, branch_ids = ulysses_row()

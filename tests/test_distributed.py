@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,17 +19,12 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tunelab.trainers.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
 FAST = ["train.progress_bar=false", "train.plot=false", "data.sources.0.num_rows=400", "train.log_every=1",
         "train.eval_every=2", "train.save_every=2", "train.max_steps=4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_args(config: str, processes: int, *, machines: int = 1, rank: int = 0, port: int | None = None):

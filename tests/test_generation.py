@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from tunelab.data.onpolicy import read_jsonl
-from tunelab.trainers.distributed import reset_accelerate
+from tunelab.trainers.distributed import free_port, reset_accelerate
 from tunelab.trainers.evaluation import generate_greedy
 from tunelab.trainers.generation import (
     SamplingSettings,
@@ -331,7 +331,6 @@ def test_a_lora_run_generates_the_same_from_its_checkpoint_export_and_adapter(tm
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes_writes_the_one_process_file(tiny, tmp_path):
-    import socket
     import subprocess
     import sys
 
@@ -340,9 +339,7 @@ def test_accelerate_launch_with_two_processes_writes_the_one_process_file(tiny, 
     common = ["--model", str(tiny.root / "policy"), "--prompts", str(prompts), "--num-samples", "3",
               "--max-new-tokens", "10", "--seed", "7", "--temperature", "1.0", "--top-p", "0.9", "--no-progress"]
     generate_script.main([*common, "--out", str(tmp_path / "one.jsonl")])
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               os.path.join(ROOT, "recipes", "accelerate", "ddp.yaml"), "--num_processes", "2", "--mixed_precision",
               "no", "--main_process_port", str(port), os.path.join(ROOT, "scripts", "generate.py")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,13 +18,8 @@ from tests.test_attention import layouts, model_pair
 from tunelab.data.collate import attention_mask
 from tunelab.data.contract import Needs
 from tunelab.trainers.config_check import ConfigError, check_config
+from tunelab.trainers.distributed import free_port
 from tunelab.trainers.sequence_parallel import enable_sequence_parallel, one_row, shard
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------

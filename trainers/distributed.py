@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -63,6 +64,13 @@ def end_process_group() -> None:
     state = PartialState()
     state.wait_for_everyone()
     state.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous (MASTER_PORT, --main_process_port)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 def reset_accelerate() -> None:

@@ -23,7 +23,6 @@ import copy
 import importlib.util
 import os
 import random
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from collections.abc import Iterator
 import numpy
 import torch
 
+from tunelab.trainers.distributed import free_port
 from tunelab.trainers.generation import SamplingSettings, VllmBackend
 
 
@@ -86,12 +86,6 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name.replace(".base_layer.", "."), _merged(layer, tensor) if layer is not None else tensor.detach()
 
 
-def _free_port() -> int:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        return free.getsockname()[1]
-
-
 class ColocatedEngine:
     """One rank's vLLM engine, built from ``model`` (the unwrapped policy) and ``tokenizer`` (module docstring);
     ``push`` then ``generate`` each step."""
@@ -110,7 +104,7 @@ class ColocatedEngine:
                            ("WORLD_SIZE", accelerator.num_processes), ("MASTER_ADDR", "localhost")):
             os.environ.setdefault(key, str(value))
         if not os.environ.get("MASTER_PORT"):
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         # vLLM seeds the global random generators of the process it runs in; the run's own streams (dropout, ...)
         # continue as if it had not, so a run that builds the engine at a resumed step draws what it would have drawn
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
