@@ -1,5 +1,5 @@
-"""NEFTune's per-example noise scale inside packed rows and Masked Thought's input masking, against the papers'
-definitions; both leave evaluation untouched."""
+"""NEFTune's and SymNoise's per-example noise inside packed rows and Masked Thought's input masking, against the
+papers' definitions (SymNoise: as docs/methods.md reads it); all leave evaluation untouched."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_layout import sft_examples, tiny_model
 
 from tunelab.data.collate import Collator
 from tunelab.data.masked_thought import draw_generator, mask_rate, mask_responses
-from tunelab.trainers.neftune import NEFTune, per_token_lengths
+from tunelab.trainers.embedding_noise import NEFTune, SymNoise, mirror_positions, per_token_lengths
 from tunelab.trainers.trainer import Trainer
 
 
@@ -61,6 +61,40 @@ def test_neftune_is_off_outside_training_forwards(packed):
         NEFTune(model, alpha=0)
 
 
+def symnoise_of(packed, antithetic):
+    model = tiny_model().model.train()
+    embed = model.get_input_embeddings()
+    clean = embed(packed.input_ids).detach()
+    noise_hook = SymNoise(model, alpha=5.0, antithetic=antithetic)
+    torch.manual_seed(0)
+    with noise_hook.applied(packed):
+        return embed(packed.input_ids).detach() - clean, embed.weight.shape[1]
+
+
+def test_mirror_positions_pair_each_examples_halves():
+    doc_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 3, -1, -1, -1]])
+    # doc 0 (5 tokens, flat 0-4): 3 -> 0, 4 -> 1, the middle (2) draws its own; doc 1 (5-6): 6 -> 5;
+    # doc 2 (8-11): 10 -> 8, 11 -> 9; doc 3 (1 token) and padding draw their own
+    assert mirror_positions(doc_ids).tolist() == [[-1, -1, -1, 0, 1, -1, 5, -1], [-1, -1, 8, 9, -1, -1, -1, -1]]
+
+
+def test_symnoise_is_plus_minus_neftunes_scale_antithetic_within_each_packed_example(packed):
+    noise, d = symnoise_of(packed, antithetic=True)
+    for doc, n in enumerate([12, 7, 20, 5]):
+        bound = 5.0 / math.sqrt(n * d)
+        values = noise[packed.doc_ids == doc]  # the document's positions in order (one row each)
+        assert torch.allclose(values.abs(), torch.full_like(values, bound), rtol=1e-5)  # every coordinate +-scale
+        h = n // 2
+        assert torch.allclose(values[n - h:], -values[:h], rtol=1e-4)  # the second half negates the first
+        assert values.sum(0).abs().max() <= (bound * 1.001 if n % 2 else bound * 1e-4)  # sums to 0 (odd: the middle)
+        assert 0.3 < (values[:h] > 0).float().mean() < 0.7  # fair signs
+    assert (noise[packed.doc_ids < 0] == 0).all()
+    independent, _ = symnoise_of(packed, antithetic=False)
+    first = independent[packed.doc_ids == 2]
+    assert torch.allclose(first.abs(), torch.full_like(first, 5.0 / math.sqrt(20 * d)), rtol=1e-5)
+    assert not torch.allclose(first[10:], -first[:10], rtol=1e-4)
+
+
 def test_masked_thought_masks_only_response_inputs_and_keeps_labels(packed):
     rate, mask_id = 0.5, 0
     masked = mask_responses(packed, rate, mask_id, draw_generator(42, 3, 0, 0))
@@ -99,7 +133,8 @@ def sft_run(tmp_path, name, *overrides, steps=3):
     return summary, [r["loss"] for r in read_metrics(str(tmp_path / name))]
 
 
-@pytest.mark.parametrize("option", ["train.neftune_alpha=15", "train.masked_thought={max_rate:0.5,warmup_ratio:0}"])
+@pytest.mark.parametrize("option", ["train.neftune_alpha=15", "train.symnoise_alpha=15",
+                                    "train.masked_thought={max_rate:0.5,warmup_ratio:0}"])
 def test_perturbations_change_training_but_not_evaluation(tmp_path, option):
     plain, plain_losses = sft_run(tmp_path, "plain")
     perturbed, losses = sft_run(tmp_path, "perturbed", option)
@@ -110,9 +145,12 @@ def test_perturbations_change_training_but_not_evaluation(tmp_path, option):
 
 
 def test_perturbations_refuse_pairwise_losses(tmp_path):
-    for k, option in enumerate(("train.neftune_alpha=5", "train.masked_thought={max_rate:0.3}")):
+    options = ("train.neftune_alpha=5", "train.symnoise_alpha=5", "train.masked_thought={max_rate:0.3}")
+    for k, option in enumerate(options):
         with pytest.raises(ValueError, match="defined for SFT data"):
             sft_run(tmp_path, f"pairs{k}", "recipe=dpo", option, "data.sources.0.num_rows=100")
+    with pytest.raises(ValueError, match="set one"):
+        sft_run(tmp_path, "both", "train.neftune_alpha=5", "train.symnoise_alpha=5")
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         sft_run(tmp_path, "token", "train.masked_thought={mask_token:'<nope>'}")
 

@@ -58,6 +58,7 @@ def test_rows_laid_end_to_end_keep_the_layout_of_each_row():
 @pytest.mark.parametrize("override, message", [
     ("model.attn_implementation=sdpa", "only tiled_sdpa"),
     ("train.neftune_alpha=5", "train.neftune_alpha: its noise is drawn per rank"),
+    ("train.symnoise_alpha=5", "train.symnoise_alpha: its noise is drawn per rank"),
     ("train.sequence_parallel=0", "an integer > 0"),
     ("model.lora.enabled=true", "adapter_disabled"),
 ])

@@ -240,7 +240,7 @@ def _sequence_parallel_is_servable(cfg) -> str | None:
     if implementation != "tiled_sdpa":
         problems.append(f"model.attn_implementation={implementation}: only tiled_sdpa takes the whole row's layout "
                         "through DeepSpeed's Ulysses wrapper, which drops dense masks")
-    for key in ("train.neftune_alpha", "train.masked_thought"):
+    for key in ("train.neftune_alpha", "train.symnoise_alpha", "train.masked_thought"):
         if OmegaConf.select(cfg, key, default=None):
             problems.append(f"{key}: its noise is drawn per rank, so the ranks sharing a row would perturb it "
                             "differently; unset it")

@@ -129,6 +129,10 @@ class TrainConfig:
                                "skipped and counted")
     neftune_alpha: float | None = option(None, "NEFTune (Jain et al. 2023) noise scale alpha/sqrt(L*d) on input "
                                             "embeddings; the paper uses 5, 10 or 15. SFT only")
+    symnoise_alpha: float | None = option(None, "SymNoise (Yadav & Singh 2023): +-1 noise at NEFTune's scale "
+                                             "alpha/sqrt(L*d) (trainers/embedding_noise.py). SFT only")
+    symnoise_antithetic: bool = option(True, "SymNoise: each example's second half of positions carries the negated "
+                                       "noise of its first half (docs/methods.md, SymNoise)")
     masked_thought: Any = option(None, "Masked Thought (Chen et al. 2024): {max_rate: 0.4, "
                                                       "warmup_ratio: 0.66, mask_token: null} (authors' GSM8K "
                                                       "scripts). SFT only")

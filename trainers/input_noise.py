@@ -1,6 +1,6 @@
-"""The train-time input perturbations a recipe enables: NEFTune's embedding noise (``train.neftune_alpha``) and
-Masked Thought's response masking (``train.masked_thought``). Both touch only the policy's training forwards:
-evaluation, reference scoring and the exported model never see them."""
+"""The train-time input perturbations a recipe enables: embedding noise (NEFTune's ``train.neftune_alpha`` or
+SymNoise's ``train.symnoise_alpha``) and Masked Thought's response masking (``train.masked_thought``). All touch
+only the policy's training forwards: evaluation, reference scoring and the exported model never see them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 from tunelab.data.contract import Batch
 from tunelab.data.masked_thought import draw_generator, mask_rate, mask_responses
-from tunelab.trainers.neftune import NEFTune
+from tunelab.trainers.embedding_noise import NEFTune, SymNoise
 
 MASKED_THOUGHT_DEFAULTS = {"max_rate": 0.4, "warmup_ratio": 0.66, "mask_token": None}  # authors' GSM8K scripts
 
@@ -26,13 +26,18 @@ def mask_token_id(tokenizer, token: str | None) -> int:
 
 class InputNoise:
     def __init__(self, train_cfg, model, tokenizer, kind: str, total_steps: int, seed: int):
-        alpha = train_cfg.get("neftune_alpha")
+        neftune, symnoise = train_cfg.get("neftune_alpha"), train_cfg.get("symnoise_alpha")
         masking = train_cfg.get("masked_thought")
-        for key, on in (("train.neftune_alpha", alpha is not None), ("train.masked_thought", bool(masking))):
+        for key, on in (("train.neftune_alpha", neftune is not None), ("train.symnoise_alpha", symnoise is not None),
+                        ("train.masked_thought", bool(masking))):
             if on and kind != "sft":
                 raise ValueError(f"{key} is defined for SFT data (the paper's setting), but this recipe's loss "
                                  "trains on pairs; unset it")
-        self.neftune = NEFTune(model, alpha) if alpha is not None else None
+        if neftune is not None and symnoise is not None:
+            raise ValueError("train.neftune_alpha and train.symnoise_alpha are two kinds of embedding noise; set one")
+        self.embedding_noise = (NEFTune(model, neftune) if neftune is not None
+                                else SymNoise(model, symnoise, train_cfg.get("symnoise_antithetic", True))
+                                if symnoise is not None else None)
         self.masking = None
         if masking:
             options = {**MASKED_THOUGHT_DEFAULTS, **dict(masking)}
@@ -57,5 +62,5 @@ class InputNoise:
         if self.masking is not None:
             generator = draw_generator(self.seed, step, rank, micro_batch)
             batch = mask_responses(batch, self.rate(step), self.masking[2], generator)
-        with self.neftune.applied(batch) if self.neftune is not None else nullcontext():
+        with self.embedding_noise.applied(batch) if self.embedding_noise is not None else nullcontext():
             yield batch
