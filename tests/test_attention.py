@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tunelab.data.collate import Collator, attention_mask
 from tunelab.data.contract import Needs
 from tunelab.trainers import attention, flex
-from tunelab.trainers.attention import query_tiles
+from tunelab.trainers.attention import causal_rows, query_tiles
 from tunelab.trainers.distributed import free_port
 from tunelab.trainers.flash_varlen import varlen_boundaries, varlen_inputs
 from tunelab.trainers.forward import CausalLMWithLogProbs
@@ -92,6 +92,33 @@ def test_tiled_sdpa_equals_dense_sdpa_in_values_and_gradients(tile, num_kv_heads
         torch.testing.assert_close(tiled_logps, dense_logps, atol=1e-5, rtol=1e-5)
         for a, b in zip(tiled_grads, dense_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_of_one_document_take_sdpas_causal_kernel_with_the_same_values_and_gradients(monkeypatch):
+    dense, tiled = model_pair(2)
+    g = torch.Generator().manual_seed(4)
+    examples = [{"input_ids": torch.randint(1, 64, (10,), generator=g).tolist(), "target_mask": [0] * 3 + [1] * 7}
+                for _ in range(3)]
+    batch = Collator("sft", packing=True, shared_prompt=False, row_length=10)(examples)
+    assert batch.doc_ids.shape == (3, 10) and causal_rows(batch.doc_ids, batch.branch_ids)
+    calls = []
+    sdpa = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward",
+                        lambda *a, **k: calls.append((a[4], k.get("is_causal"))) or sdpa(*a, **k))
+    results = []
+    for model in (dense, tiled):
+        out = CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(batch, Needs())
+        (out.seq_logps * torch.tensor([1.0, 1.5, 2.0])).sum().backward()
+        results.append((out.token_logps.detach(), [p.grad for p in model.parameters()]))
+    assert calls == [(None, True)] * 2  # one causal call per layer, no mask, no tiles (the backward is SDPA's)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # two documents in a row, padding, or branches keep the tiles
+    assert not any(causal_rows(b.doc_ids, b.branch_ids) for b in batches())
+    short = {"input_ids": examples[0]["input_ids"][:8], "target_mask": examples[0]["target_mask"][:8]}
+    padded = Collator("sft", packing=True, shared_prompt=False, row_length=10)([examples[1], short])
+    assert (padded.doc_ids < 0).any() and not causal_rows(padded.doc_ids, padded.branch_ids)
 
 
 def test_tiles_skip_keys_the_mask_hides():

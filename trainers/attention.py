@@ -10,7 +10,9 @@ last position (causal), under that block's slice of the mask, built from the ids
 (data/collate.attention_mask): the same SDPA over the same mask values, so the result
 equals dense SDPA up to float summation order, with O(tile x L) mask memory. The tiles are computed once per
 forward from the ids (``query_tiles``, O(L)) and passed down to every layer with the ids (``layout_ids``) as
-keywords, which transformers forwards to the attention function. Measured in docs/benchmarks.md.
+keywords, which transformers forwards to the attention function. When every row is one document without padding
+(``causal_rows``: a long document filling its row), the mask is plain causal and SDPA's own causal kernel runs
+on the whole row instead, which needs no mask either. Measured in docs/benchmarks.md.
 
 Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any call
 without the layout (generation with a cache, a plain forward) runs plain SDPA on the mask it is given.
@@ -50,6 +52,12 @@ def query_tiles(doc_ids: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[i
     return [(q0, min(q0 + tile, length), k0) for q0, k0 in zip(range(0, length, tile), first_keys)]
 
 
+def causal_rows(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> bool:
+    """Whether every row is a single document filling it, without padding or branches: then the layout's mask is
+    plain causal attention."""
+    return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids >= 0) & (branch_ids == 0)).all())
+
+
 def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """The layout's boolean mask as ``implementation`` takes it: SDPA (tiled or not) takes booleans; eager adds
     the mask to the scores, so it gets 0 where attention is allowed and the dtype's minimum elsewhere."""
@@ -75,8 +83,13 @@ def layout_inputs(doc_ids: torch.Tensor, branch_ids: torch.Tensor, implementatio
     if implementation == TILED_SDPA:
         # the ids travel to the attention as keywords; the 4D placeholder stops transformers from building an
         # L x L mask of its own (it passes a 4D mask through untouched, and tiled_sdpa does not read it)
-        return {"attention_mask": doc_ids.new_ones((1, 1, 1, 1), dtype=torch.bool),
-                "layout_ids": (doc_ids, branch_ids), "attention_tiles": query_tiles(doc_ids, tile)}
+        placeholder = doc_ids.new_ones((1, 1, 1, 1), dtype=torch.bool)
+        if causal_rows(doc_ids, branch_ids):
+            # one document a row: SDPA's causal kernel, fused forward and backward, without tiles or masks
+            # (docs/benchmarks.md: tiles with masks took about twice its time on one long document)
+            return {"attention_mask": placeholder, "causal_layout": True}
+        return {"attention_mask": placeholder, "layout_ids": (doc_ids, branch_ids),
+                "attention_tiles": query_tiles(doc_ids, tile)}
     if implementation == FLEX:  # a BlockMask is 4D too, so transformers passes it through as well
         return {"attention_mask": layout_block_mask(doc_ids, branch_ids)}
     if implementation == FLASH:
@@ -120,10 +133,13 @@ class _TilesWithLocalGradients(torch.autograd.Function):
 
 
 def tiled_sdpa_attention(module, query, key, value, attention_mask, attention_tiles=None, layout_ids=None,
-                         **kwargs):
+                         causal_layout=False, **kwargs):
     """transformers attention function: query [B, H, L, D], key/value [B, H_kv, L, D] -> ([B, L, H, D], None).
-    With ``layout_ids`` (doc_ids, branch_ids) and ``attention_tiles``, tile by tile; otherwise plain SDPA."""
+    With ``layout_ids`` (doc_ids, branch_ids) and ``attention_tiles``, tile by tile; with ``causal_layout`` (one
+    document a row), SDPA's causal kernel; otherwise plain SDPA on the mask it is given."""
     length = query.shape[2]
+    if causal_layout and key.shape[2] == length:
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
     if attention_tiles is None or layout_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     doc_ids, branch_ids = layout_ids
