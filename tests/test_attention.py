@@ -109,16 +109,28 @@ def test_rows_of_one_document_take_sdpas_causal_kernel_with_the_same_values_and_
     for model in (dense, tiled):
         out = CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(batch, Needs())
         (out.seq_logps * torch.tensor([1.0, 1.5, 2.0])).sum().backward()
-        results.append((out.token_logps.detach(), [p.grad for p in model.parameters()]))
+        results.append((out.token_logps.detach(), [p.grad.clone() for p in model.parameters()]))
     assert calls == [(None, True)] * 2  # one causal call per layer, no mask, no tiles (the backward is SDPA's)
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    # two documents in a row, padding, or branches keep the tiles
+    # two documents in a row or branches keep the tiles; padding after the document does not
     assert not any(causal_rows(b.doc_ids, b.branch_ids) for b in batches())
-    short = {"input_ids": examples[0]["input_ids"][:8], "target_mask": examples[0]["target_mask"][:8]}
+    assert not causal_rows(torch.tensor([[0, 0, -1, 1]]), torch.zeros(1, 4, dtype=torch.long))
+    short = {"input_ids": examples[0]["input_ids"][:6], "target_mask": examples[0]["target_mask"][:6]}
     padded = Collator("sft", packing=True, shared_prompt=False, row_length=10)([examples[1], short])
-    assert (padded.doc_ids < 0).any() and not causal_rows(padded.doc_ids, padded.branch_ids)
+    assert (padded.doc_ids < 0).any() and causal_rows(padded.doc_ids, padded.branch_ids)
+    calls.clear()
+    results = []
+    for model in (dense, tiled):
+        model.zero_grad()
+        out = CausalLMWithLogProbs(model, chunk_size=7, attention_tile=4)(padded, Needs())
+        (out.seq_logps * torch.tensor([1.0, 2.0])).sum().backward()
+        results.append((out.token_logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert calls == [(None, True)] * 2
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_tiles_skip_keys_the_mask_hides():

@@ -10,9 +10,10 @@ last position (causal), under that block's slice of the mask, built from the ids
 (data/collate.attention_mask): the same SDPA over the same mask values, so the result
 equals dense SDPA up to float summation order, with O(tile x L) mask memory. The tiles are computed once per
 forward from the ids (``query_tiles``, O(L)) and passed down to every layer with the ids (``layout_ids``) as
-keywords, which transformers forwards to the attention function. When every row is one document without padding
-(``causal_rows``: a long document filling its row), the mask is plain causal and SDPA's own causal kernel runs
-on the whole row instead, which needs no mask either. Measured in docs/benchmarks.md.
+keywords, which transformers forwards to the attention function. When every row is one document, followed by
+padding at most (``causal_rows``: a long document alone in its row, or unpacked rows), the mask is plain causal
+for every real position and SDPA's own causal kernel runs on the whole row instead, which needs no mask either.
+Measured in docs/benchmarks.md.
 
 Registered with transformers as ``attn_implementation="tiled_sdpa"``; its mask builder is SDPA's, and any call
 without the layout (generation with a cache, a plain forward) runs plain SDPA on the mask it is given.
@@ -53,9 +54,14 @@ def query_tiles(doc_ids: torch.Tensor, tile: int = DEFAULT_TILE) -> list[tuple[i
 
 
 def causal_rows(doc_ids: torch.Tensor, branch_ids: torch.Tensor) -> bool:
-    """Whether every row is a single document filling it, without padding or branches: then the layout's mask is
-    plain causal attention."""
-    return bool(((doc_ids == doc_ids[:, :1]) & (doc_ids >= 0) & (branch_ids == 0)).all())
+    """Whether every row is one document from its first position, without branches, followed by padding only: then
+    the layout's mask is plain causal attention for every real position. (Causal attention lets the trailing
+    padding see the document, where the layout lets it see only itself; nothing reads a padding position's
+    output, and no real position sees padding either way.)"""
+    real = doc_ids >= 0
+    one_document = (doc_ids == doc_ids[:, :1]) | ~real
+    padding_last = real[:, :-1] >= real[:, 1:]
+    return bool(real[:, 0].all() and one_document.all() and padding_last.all() and (branch_ids == 0).all())
 
 
 def layout_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
