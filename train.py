@@ -1,7 +1,6 @@
 """tunelab entry point: `python train.py` or `accelerate launch train.py recipe=<name> [key=value ...]`."""
 
 import logging
-import sys
 
 import hydra
 from accelerate import PartialState
@@ -9,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from tunelab.data.sources import expand_short_form, sources_overridden
 from tunelab.trainers.config_schema import register
-from tunelab.trainers.distributed import end_process_group
+from tunelab.trainers.distributed import exit_run
 from tunelab.trainers.interrupt import TrainingInterrupted
 from tunelab.trainers.logs import setup_logging
 from tunelab.trainers.rounds import run_rounds
@@ -29,9 +28,8 @@ def main(cfg) -> None:
     except TrainingInterrupted as stopped:  # every rank stopped after the same step, with its checkpoint written
         if PartialState().is_main_process:
             logging.getLogger("tunelab").warning("%s", stopped)
-        end_process_group()
-        sys.exit(stopped.exit_code)
-    end_process_group()
+        exit_run(stopped.exit_code)
+    exit_run()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -64,6 +65,28 @@ def end_process_group() -> None:
     state = PartialState()
     state.wait_for_everyone()
     state.destroy_process_group()
+
+
+def exit_run(exit_code: int = 0) -> None:
+    """The end of ``train.py`` once a run has finished (or stopped cleanly, ``exit_code`` != 0): the process group is
+    ended as above, logs and streams are flushed, and a process that was part of a group leaves with ``os._exit``,
+    skipping the interpreter's teardown. Objects still holding the group (the DeepSpeed engine, its async work)
+    are destroyed there, after the interpreter has begun to shut down, and gloo's threads can then abort a finished
+    rank (SIGABRT, "terminate called without an active exception": seen once in a test run of ZeRO-3 DPO,
+    after the run's last line; pytorch/pytorch PR 179291 describes the mechanism), which would turn a finished run
+    into a failed job for the launcher and Slurm. Everything the run writes is closed before this point (trackers
+    finished, checkpoints and exports renamed into place). A single process without a group returns (code 0) or
+    exits normally."""
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    end_process_group()
+    if not grouped:
+        if exit_code:
+            raise SystemExit(exit_code)
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(exit_code)
 
 
 def free_port() -> int:
