@@ -75,7 +75,8 @@ def test_mirror_positions_pair_each_examples_halves():
     doc_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 3, -1, -1, -1]])
     # doc 0 (5 tokens, flat 0-4): 3 -> 0, 4 -> 1, the middle (2) draws its own; doc 1 (5-6): 6 -> 5;
     # doc 2 (8-11): 10 -> 8, 11 -> 9; doc 3 (1 token) and padding draw their own
-    assert mirror_positions(doc_ids).tolist() == [[-1, -1, -1, 0, 1, -1, 5, -1], [-1, -1, 8, 9, -1, -1, -1, -1]]
+    mirrors = mirror_positions(doc_ids, per_token_lengths(doc_ids))
+    assert mirrors.tolist() == [[-1, -1, -1, 0, 1, -1, 5, -1], [-1, -1, 8, 9, -1, -1, -1, -1]]
 
 
 def test_symnoise_is_plus_minus_neftunes_scale_antithetic_within_each_packed_example(packed):

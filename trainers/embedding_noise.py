@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
+from tunelab.data import collate
 from tunelab.data.contract import Batch
 
 
@@ -39,21 +40,18 @@ def per_token_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(real, counts[doc_ids.clamp(min=0)], torch.zeros_like(doc_ids))
 
 
-def mirror_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[rows, L] -> the flat index (into rows * L) of the position whose signs each position negates, or -1 where it
-    draws its own: position L - h + j of a document of length L mirrors its position j, h = floor(L / 2).
-    Documents are contiguous within a row (the collator packs them so)."""
-    flat = torch.arange(doc_ids.numel(), device=doc_ids.device).view_as(doc_ids)
-    real = doc_ids >= 0
-    docs = doc_ids[real]
-    starts = torch.full((int(docs.max()) + 1 if docs.numel() else 1,), doc_ids.numel(), device=doc_ids.device)
-    starts = starts.scatter_reduce(0, docs, flat[real], reduce="amin")
-    start = torch.where(real, starts[doc_ids.clamp(min=0)], flat)
-    lengths = per_token_lengths(doc_ids)
-    offset = flat - start
+def mirror_positions(doc_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[rows, L] document ids and their lengths (``per_token_lengths``) -> the flat index (into rows * L) of the
+    position whose signs each position negates, or -1 where it draws its own: position L - h + j of a document of
+    length L mirrors its position j, h = floor(L / 2)."""
+    rows, length = doc_ids.shape
+    positions = torch.arange(length, device=doc_ids.device).expand_as(doc_ids)
+    starts = collate.document_starts(doc_ids)
     second_half_from = lengths - lengths // 2
-    mirrored = real & (offset >= second_half_from) & (lengths >= 2)
-    return torch.where(mirrored, start + offset - second_half_from, torch.full_like(flat, -1))
+    offset = positions - starts
+    mirrored = (lengths >= 2) & (offset >= second_half_from)  # padding has length 0
+    row_base = torch.arange(rows, device=doc_ids.device)[:, None] * length
+    return torch.where(mirrored, row_base + starts + offset - second_half_from, torch.full_like(doc_ids, -1))
 
 
 class NEFTune:
@@ -72,7 +70,7 @@ class NEFTune:
         scale = self.alpha / torch.sqrt(lengths.clamp(min=1).double() * width)
         return torch.where(lengths > 0, scale, torch.zeros_like(scale))
 
-    def unit_noise(self, embeddings: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    def unit_noise(self, embeddings: torch.Tensor, doc_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Noise before scaling, shaped like the embeddings."""
         return torch.empty_like(embeddings).uniform_(-1.0, 1.0)
 
@@ -80,8 +78,9 @@ class NEFTune:
         if self.doc_ids is None or not module.training:
             return None
         doc_ids = self.doc_ids.to(embeddings.device)
-        scale = self.scales(per_token_lengths(doc_ids), embeddings.shape[-1]).to(embeddings.device, embeddings.dtype)
-        return embeddings + self.unit_noise(embeddings, doc_ids) * scale[..., None]
+        lengths = per_token_lengths(doc_ids)
+        scale = self.scales(lengths, embeddings.shape[-1]).to(embeddings.device, embeddings.dtype)
+        return embeddings + self.unit_noise(embeddings, doc_ids, lengths) * scale[..., None]
 
     @contextmanager
     def applied(self, batch: Batch):
@@ -99,11 +98,11 @@ class SymNoise(NEFTune):
         super().__init__(model, alpha)
         self.antithetic = bool(antithetic)
 
-    def unit_noise(self, embeddings: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    def unit_noise(self, embeddings: torch.Tensor, doc_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         signs = torch.empty_like(embeddings).bernoulli_(0.5) * 2 - 1
         if not self.antithetic:
             return signs
-        partner = mirror_positions(doc_ids)
+        partner = mirror_positions(doc_ids, lengths)
         flat = signs.reshape(-1, signs.shape[-1])
         negated = -flat[partner.clamp(min=0).reshape(-1)].reshape_as(signs)
         return torch.where((partner >= 0)[..., None], negated, signs)
